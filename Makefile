@@ -1,0 +1,52 @@
+# msrl — `make demo` and `make test` are the two commands a fresh machine needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msrl-installed
+# pip's notes about this machine's local package mirrors are noise, not problems.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+CONFIG ?= configs/pretrain/template.yaml
+GPUS ?=
+LOGDIR ?= runs
+CKPT ?=
+SAMPLES ?= 8
+OUT ?= samples
+
+.PHONY: install demo test test-full pretrain sample tensorboard lint clean
+
+install: $(STAMP)  ## create .venv and install msrl (idempotent)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: here the CPU build on local disk, on a GPU cluster the CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	touch $(STAMP)
+
+demo: install  ## embedded data → pretrain → sample (grows with reward training, PPO, evaluation)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: install  ## the default test suite (< 10 minutes on 2 cores)
+	$(BIN)/python -m pytest -q
+
+test-full: install  ## every test, the slow ones included
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+pretrain: install  ## CONFIG=… GPUS=…: srun inside a SLURM allocation, else all local GPUs (or CPU)
+	PATH="$(CURDIR)/$(BIN):$$PATH" CONFIG="$(CONFIG)" GPUS="$(GPUS)" bash scripts/pretrain.sh
+
+sample: install  ## CKPT=… SAMPLES=… OUT=…
+	test -n "$(CKPT)" || { echo "make sample needs CKPT=<path to a .ckpt>"; exit 2; }
+	$(BIN)/msrl sample --checkpoint "$(CKPT)" --num-samples $(SAMPLES) --out "$(OUT)"
+
+tensorboard: install  ## LOGDIR=runs
+	$(BIN)/tensorboard --logdir "$(LOGDIR)"
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) data/cache runs samples demo_out .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""LightningModules of msrl: diffusion pretraining, DDIM sampling with log-probabilities, the CLI."""

@@ -1,0 +1,90 @@
+"""The `msrl` command: one console script, one verb per job.
+
+Training verbs are LightningCLI runs (YAML under `configs/`, components chosen by `class_path`,
+`--print_config` on every verb); the other verbs are jsonargparse parsers of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.base import VolumeDataModule
+from lightning_modules.diffusion import DiffusionModule
+
+
+class MsrlCLI(LightningCLI):
+    """LightningCLI with the data module's shape linked into the model and checkpointing set up."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link in_channels/spatial_size/num_classes from the data; configure ModelCheckpoint."""
+        for attribute in ("num_channels", "spatial_size", "num_classes"):
+            target = "in_channels" if attribute == "num_channels" else attribute
+            parser.link_arguments("data", f"model.{target}", apply_on="instantiate",
+                                  compute_fn=lambda data, a=attribute: getattr(data, a))
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+            "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+
+def run_pretrain(argv: list[str]) -> None:
+    """`msrl pretrain`: LightningCLI `fit` of a `DiffusionModule` on any `VolumeDataModule`."""
+    # sys.argv must stay as it is: Lightning's DDP launcher re-runs it in the other processes.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    MsrlCLI(DiffusionModule, VolumeDataModule, subclass_mode_data=True, args=["fit", *argv],
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+            parser_kwargs={"prog": "msrl pretrain"})
+
+
+def run_sample(argv: list[str]) -> None:
+    """`msrl sample`: draw volumes from a checkpoint and write NIfTI files + manifest + PNG."""
+    from lightning_modules.sample_command import main as sample_main
+
+    sample_main(argv)
+
+
+VERBS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "pretrain": (run_pretrain, "pretrain a 3D DiffusionModule (LightningCLI fit)"),
+    "sample": (run_sample, "draw volumes from a checkpoint into NIfTI files"),
+}
+
+
+def usage() -> str:
+    """The top-level help text: one line per verb."""
+    lines = ["usage: msrl VERB [options]   (msrl VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `msrl` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"msrl: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        VERBS[verb][0](rest)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        if os.environ.get("MSRL_DEBUG"):
+            raise
+        print(f"msrl {verb}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

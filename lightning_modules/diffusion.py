@@ -1,0 +1,226 @@
+"""`DiffusionModule`: class-conditional 3D DDPM pretraining with MONAI's UNet and schedulers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse import lazy_instance
+from lightning.pytorch.loggers import TensorBoardLogger
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lightning_modules.optim import warmup_cosine_schedule
+from lightning_modules.sampling import ddim_from_training_schedule, sample
+from lightning_modules.visualize import slice_grid
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionModule(L.LightningModule):
+    """Pretrains a 3D noise predictor (DESIGN.md §2): DDPM loss, EMA weights, DDIM previews.
+
+    Args:
+        in_channels: image channels (linked from the data module by `msrl pretrain`).
+        spatial_size: side of the cubic volumes (linked from the data module).
+        num_classes: class labels; 0 makes the model unconditional. Label `num_classes` is the
+            null class used for classifier-free guidance.
+        channels: UNet channels per level.
+        attention_levels: self-attention at each level (costly at high resolution).
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        norm_num_groups: GroupNorm groups (must divide every entry of `channels`).
+        noise_scheduler: the MONAI training scheduler (beta schedule, T, prediction type).
+        cfg_dropout: probability of replacing a label by the null class while training.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of `lr`.
+        ema_decay: decay of the exponential moving average of the weights (used for sampling).
+        activation_checkpointing: recompute UNet blocks in the backward pass to save memory.
+        preview_every_n_epochs: log DDIM samples to TensorBoard every k validation epochs (0: never).
+        preview_num_samples: volumes per preview (labels alternate between classes).
+        preview_steps: DDIM steps of a preview.
+        seed: seed of the fixed validation noise and previews.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        spatial_size: int = 32,
+        num_classes: int = 2,
+        channels: Sequence[int] = (32, 64, 64),
+        attention_levels: Sequence[bool] = (False, False, True),
+        num_res_blocks: int = 1,
+        num_head_channels: int = 16,
+        norm_num_groups: int = 16,
+        noise_scheduler: DDPMScheduler = lazy_instance(
+            DDPMScheduler, num_train_timesteps=1000, schedule="scaled_linear_beta", prediction_type="epsilon",
+            clip_sample=False),
+        cfg_dropout: float = 0.1,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.995,
+        activation_checkpointing: bool = False,
+        preview_every_n_epochs: int = 5,
+        preview_num_samples: int = 2,
+        preview_steps: int = 25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(attention_levels):
+            raise ValueError(f"channels {tuple(channels)} and attention_levels {tuple(attention_levels)} "
+                             "must have the same length")
+        if any(c % norm_num_groups for c in channels):
+            raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count {tuple(channels)}")
+        if not 0.0 <= cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        if noise_scheduler.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got "
+                             f"{noise_scheduler.prediction_type!r}")
+        self.save_hyperparameters(ignore=["noise_scheduler"])
+        self.noise_scheduler = noise_scheduler
+        self.null_class = num_classes if num_classes > 0 else None
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
+            attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
+            num_class_embeds=num_classes + 1 if num_classes > 0 else None,
+        )
+        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        if activation_checkpointing:
+            enable_activation_checkpointing(self.unet)
+
+    # The network -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Prediction of the trained UNet for x_t [B, C, D, H, W], timesteps [B] and labels [B]."""
+        return self.unet(x, timesteps, class_labels=labels if self.null_class is not None else None)
+
+    def ema_forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Prediction of the EMA weights (what sampling uses)."""
+        return self.ema.module(x, timesteps, class_labels=labels if self.null_class is not None else None)
+
+    def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor | None,
+                       generator: torch.Generator | None = None, label_dropout: float = 0.0) -> torch.Tensor:
+        """DDPM MSE between the prediction and its target (ε or v) at random timesteps."""
+        batch = images.shape[0]
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.num_train_timesteps, (batch,), generator=generator,
+                                  device=images.device)
+        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        if self.noise_scheduler.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(images, noise, timesteps)
+        else:
+            target = noise
+        if labels is not None and self.null_class is not None and label_dropout > 0:
+            drop = torch.rand(batch, device=images.device) < label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        prediction = self(noisy, timesteps, labels)
+        return F.mse_loss(prediction.float(), target.float())
+
+    # Lightning hooks ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One DDPM step on a batch of volumes, with classifier-free-guidance label dropout."""
+        loss = self.diffusion_loss(batch["image"], batch["label"], label_dropout=self.hparams.cfg_dropout)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}: lower lr or check data")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """val/loss with noise and timesteps fixed by (seed, batch), comparable across epochs."""
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + batch_idx)
+        loss = self.diffusion_loss(batch["image"], batch["label"], generator=generator)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimiser, then the EMA (only after real steps, whatever the accumulation)."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.unet)
+
+    def on_validation_epoch_end(self) -> None:
+        """Every `preview_every_n_epochs`, log middle slices of a few EMA samples to TensorBoard."""
+        every = self.hparams.preview_every_n_epochs
+        if every <= 0 or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
+            return
+        if not self.trainer.is_global_zero or not isinstance(self.logger, TensorBoardLogger):
+            return
+        volumes = self.generate(self.hparams.preview_num_samples, num_steps=self.hparams.preview_steps,
+                                seed=self.hparams.seed)
+        self.logger.experiment.add_image("val/samples", slice_grid(volumes), self.global_step)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warm-up and cosine decay per optimiser step."""
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        scheduler = warmup_cosine_schedule(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the noise schedule itself (plain tensors), so any beta schedule reloads exactly."""
+        checkpoint["noise_schedule"] = {
+            "num_train_timesteps": int(self.noise_scheduler.num_train_timesteps),
+            "prediction_type": str(self.noise_scheduler.prediction_type),
+            "betas": self.noise_scheduler.betas.detach().cpu().clone(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the stored noise schedule over whatever the constructor built."""
+        spec = checkpoint.get("noise_schedule")
+        if spec is not None:
+            self.noise_scheduler = schedule_from_betas(spec["betas"], spec["prediction_type"])
+
+    # Sampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, num_samples: int, labels: torch.Tensor | None = None, num_steps: int = 50,
+                 eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0, use_ema: bool = True,
+                 progress: bool = False) -> torch.Tensor:
+        """Draw volumes [N, C, S, S, S] in [-1, 1] with DDIM; labels alternate 0, 1, … if not given."""
+        if labels is None and self.null_class is not None:
+            labels = torch.arange(num_samples) % self.hparams.num_classes
+        if labels is not None:
+            labels = labels.to(self.device, torch.long)
+        size = self.hparams.spatial_size
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn((num_samples, self.hparams.in_channels, size, size, size), generator=generator,
+                            device=self.device)
+        model = self.ema_forward if use_ema else self.forward
+        was_training = self.training
+        self.eval()
+        volumes, _ = sample(model, ddim_from_training_schedule(self.noise_scheduler), noise, labels,
+                            num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, null_class=self.null_class,
+                            generator=generator, progress=progress)
+        self.train(was_training)
+        return volumes.clamp(-1, 1)
+
+
+def schedule_from_betas(betas: torch.Tensor, prediction_type: str) -> DDPMScheduler:
+    """A DDPMScheduler over exactly these betas (whatever schedule produced them)."""
+    scheduler = DDPMScheduler(num_train_timesteps=len(betas), prediction_type=prediction_type, clip_sample=False)
+    scheduler.betas = betas.float().clone()
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    return scheduler
+
+
+def enable_activation_checkpointing(unet: DiffusionModelUNet) -> None:
+    """Recompute each down/middle/up block of a MONAI UNet in the backward pass.
+
+    Uses PyTorch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged, so
+    checkpoints load whether or not the run used activation checkpointing.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for blocks in (unet.down_blocks, unet.up_blocks):
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block)
+    unet.middle_block = checkpoint_wrapper(unet.middle_block)

@@ -1,0 +1,111 @@
+"""`msrl sample`: volumes from a pretrained checkpoint, written as NIfTI with a manifest."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.visualize import save_slices_png
+
+
+def build_parser() -> ArgumentParser:
+    """Options of `msrl sample` (each also readable from a YAML given with -c)."""
+    parser = ArgumentParser(prog="msrl sample", description="Draw volumes from a DiffusionModule checkpoint.")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="YAML with any of these options")
+    parser.add_argument("--checkpoint", type=str, required=True, help="a .ckpt written by msrl pretrain")
+    parser.add_argument("--num-samples", "--num_samples", type=int, default=8, help="volumes to draw")
+    parser.add_argument("--label", type=int | None, default=None,
+                        help="class of every sample; omitted: labels alternate 0, 1, …")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 DDPM-like)")
+    parser.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0,
+                        help="classifier-free guidance weight (1: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise and step noise")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=4, help="volumes per forward pass")
+    parser.add_argument("--out", type=str, default="samples", help="output folder")
+    parser.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', …")
+    parser.add_argument("--no-ema", "--no_ema", type=bool, default=False, help="use the raw weights, not EMA")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")
+    return parser
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
+    """A `DiffusionModule` from a checkpoint, read with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        model = DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=True)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path} is not a DiffusionModule checkpoint written by msrl: {exc}") from exc
+    return model.eval()
+
+
+def main(argv: list[str]) -> None:
+    """Parse the options, draw the volumes, write `sample_XXXX.nii.gz`, `manifest.csv`, `slices.png`."""
+    args = build_parser().parse_args(argv)
+    if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--num-samples, --steps and --batch-size must be >= 1")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    out = Path(args.out)
+    model = load_checkpoint(args.checkpoint, device)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite true or choose another --out")
+    num_classes = model.hparams.num_classes
+    if args.label is not None and not 0 <= args.label < max(num_classes, 1):
+        raise ValueError(f"--label {args.label}: this checkpoint has {num_classes} classes (0..{num_classes - 1})")
+    if num_classes == 0:
+        labels = None
+    elif args.label is None:
+        labels = torch.arange(args.num_samples) % num_classes
+    else:
+        labels = torch.full((args.num_samples,), args.label)
+    volumes, seeds = [], []
+    for start in range(0, args.num_samples, args.batch_size):
+        count = min(args.batch_size, args.num_samples - start)
+        batch_labels = None if labels is None else labels[start : start + count]
+        volumes.append(model.generate(count, batch_labels, num_steps=args.steps, eta=args.eta,
+                                      guidance_scale=args.guidance_scale, seed=args.seed + start,
+                                      use_ema=not args.no_ema, progress=True).cpu())
+        seeds += [args.seed + start] * count
+    write_samples(torch.cat(volumes), labels, out, seeds=seeds, checkpoint=str(args.checkpoint))
+    print(f"wrote {args.num_samples} volumes, manifest.csv and slices.png to {out}")
+
+
+def write_samples(volumes: torch.Tensor, labels: torch.Tensor | None, out: Path, seeds: list[int],
+                  checkpoint: str) -> None:
+    """Write the volumes (1 mm affine), manifest and slice PNG into `out`, all or nothing.
+
+    `seeds[i]` is the seed of the batch that drew volume i (its noise and step noise).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        rows = []
+        for index, volume in enumerate(volumes):
+            name = f"sample_{index:04d}.nii.gz"
+            data = volume.permute(1, 2, 3, 0).numpy().astype(np.float32)  # [D, H, W, C] for NIfTI
+            nib.save(nib.Nifti1Image(data[..., 0] if data.shape[-1] == 1 else data, np.eye(4)), staging / name)
+            rows.append({"file": name, "label": "" if labels is None else int(labels[index]), "seed": seeds[index],
+                         "checkpoint": checkpoint})
+        with open(staging / "manifest.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["file", "label", "seed", "checkpoint"])
+            writer.writeheader()
+            writer.writerows(rows)
+        shown = volumes[:8]
+        titles = None if labels is None else [f"label {int(label)}" for label in labels[:8]]
+        save_slices_png(shown, staging / "slices.png", titles)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
