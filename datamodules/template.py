@@ -81,9 +81,10 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
     mu_wm, mu_gm, mu_csf = rng.uniform(0.75, 0.95), rng.uniform(0.45, 0.62), rng.uniform(0.08, 0.25)
     tissue = mu_wm * wm + mu_gm * gm + mu_csf * csf
     mix = rng.uniform(0.3, 0.7)
+    augment_seed = int(rng.integers(2**31))
     image = (mix * template["t1"] + (1.0 - mix) * tissue) * mask
-    if label == 1:
-        parts = lesion_maps(mask.shape, wm, rng, radius_fraction=(0.05, 0.09))
+    if label == 1:  # its own generator: a subject with and without lesion differ only in the lesion
+        parts = lesion_maps(mask.shape, wm, np.random.default_rng([seed, index, 1]), radius_fraction=(0.05, 0.09))
         for name, value in (("oedema", 0.38), ("rim", 1.05), ("core", 0.12)):
             image = image * (1.0 - parts[name]) + value * parts[name] * mask
     subject = tio.Subject(
@@ -97,7 +98,7 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
         tio.RandomNoise(std=(0.0, 0.02)),
     ])
     with torch.random.fork_rng(devices=[]):  # TorchIO draws from torch's global generator
-        torch.manual_seed(int(rng.integers(2**31)))
+        torch.manual_seed(augment_seed)
         return augment(subject)
 
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny template cohort (16³, built once per session) and tiny model settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MSRL = str(Path(sys.executable).with_name("msrl"))
+
+# A 3D UNet small enough for 16³ on 2 cores (MONAI's own tests use channels=(8, 8, 8)).
+TINY_MODEL_ARGS = [
+    "--model.channels", "[8,8,8]", "--model.attention_levels", "[false,false,true]",
+    "--model.norm_num_groups", "8", "--model.num_head_channels", "8", "--model.preview_steps", "4",
+]
+TINY_MODEL = dict(channels=(8, 8, 8), attention_levels=(False, False, True), norm_num_groups=8,
+                  num_head_channels=8, num_res_blocks=1)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    """Two cores: keep torch from oversubscribing when tests spawn processes."""
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cohort_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the 8-subject, 16³ template cohort (seed 0), built once."""
+    from datamodules import TemplateCohortDataModule
+
+    cache = tmp_path_factory.mktemp("cache")
+    TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cache, seed=0).prepare_data()
+    return cache
+
+
+def cli_data_args(cache: Path) -> list[str]:
+    """Command-line options that point `msrl pretrain` at the session's tiny cohort."""
+    return [
+        "--data.init_args.num_subjects", "8", "--data.init_args.spatial_size", "16",
+        "--data.init_args.cache_dir", str(cache), "--data.init_args.batch_size", "2",
+        "--data.init_args.val_fraction", "0.25", "--data.init_args.test_fraction", "0.0",
+    ]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a child process: the repo importable, few threads."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
