@@ -152,7 +152,8 @@ class VolumeDataModule(L.LightningDataModule):
             raise ValueError(f"{type(self).__name__}: no subjects found")
         ids = [r.subject_id for r in records]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{type(self).__name__}: duplicate subject ids {sorted({i for i in ids if ids.count(i) > 1})}")
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"{type(self).__name__}: duplicate subject ids {twice}")
         self.cache_path.mkdir(parents=True, exist_ok=True)
         todo = [r for r in records if not self._file(r.subject_id).exists()]
         if todo:

@@ -35,7 +35,8 @@ def load_mni152(resolution: int) -> dict[str, Any]:
         "wm": datasets.load_mni152_wm_template(resolution=resolution).get_fdata(),
     }
     box = tuple(slice(max(idx.min() - 3, 0), idx.max() + 4) for idx in np.nonzero(mask))
-    out = {name: (np.asarray(array, dtype=np.float32)[box] / max(float(array.max()), 1e-6)) for name, array in maps.items()}
+    out = {name: np.asarray(array, dtype=np.float32)[box] / max(float(array.max()), 1e-6)
+           for name, array in maps.items()}
     out["mask"] = mask[box]
     out["affine"] = mask_img.affine.copy()
     return out

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import VolumeDataModule
-from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.diffusion import DEFAULT_NOISE_SCHEDULER, DiffusionModule
 
 
 class MsrlCLI(LightningCLI):
@@ -29,6 +29,7 @@ class MsrlCLI(LightningCLI):
                                   compute_fn=lambda data, a=attribute: getattr(data, a))
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
+            "model.noise_scheduler": DEFAULT_NOISE_SCHEDULER,  # shown by --print_config, built fresh per run
             "checkpoint.monitor": "val/loss",
             "checkpoint.mode": "min",
             "checkpoint.save_last": True,

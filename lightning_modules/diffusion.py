@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse import lazy_instance
 from lightning.pytorch.loggers import TensorBoardLogger
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
@@ -35,7 +34,10 @@ class DiffusionModule(L.LightningModule):
         num_res_blocks: residual blocks per level.
         num_head_channels: channels per attention head.
         norm_num_groups: GroupNorm groups (must divide every entry of `channels`).
-        noise_scheduler: the MONAI training scheduler (beta schedule, T, prediction type).
+        noise_scheduler: the MONAI training scheduler (beta schedule, T, prediction type); None
+            builds `default_noise_scheduler()`: T = 1000, scaled-linear betas, v-prediction
+            (Salimans & Ho 2022). With ε-prediction, x0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ amplifies ε̂'s error
+            ~80× at t = T, and short runs sample noise (seen on the demo).
         cfg_dropout: probability of replacing a label by the null class while training.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -59,9 +61,7 @@ class DiffusionModule(L.LightningModule):
         num_res_blocks: int = 1,
         num_head_channels: int = 16,
         norm_num_groups: int = 16,
-        noise_scheduler: DDPMScheduler = lazy_instance(
-            DDPMScheduler, num_train_timesteps=1000, schedule="scaled_linear_beta", prediction_type="epsilon",
-            clip_sample=False),
+        noise_scheduler: DDPMScheduler | None = None,
         cfg_dropout: float = 0.1,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -82,6 +82,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count {tuple(channels)}")
         if not 0.0 <= cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        noise_scheduler = noise_scheduler if noise_scheduler is not None else default_noise_scheduler()
         if noise_scheduler.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got "
                              f"{noise_scheduler.prediction_type!r}")
@@ -132,7 +133,7 @@ class DiffusionModule(L.LightningModule):
         loss = self.diffusion_loss(batch["image"], batch["label"], label_dropout=self.hparams.cfg_dropout)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}: lower lr or check data")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -201,6 +202,18 @@ class DiffusionModule(L.LightningModule):
                             generator=generator, progress=progress)
         self.train(was_training)
         return volumes.clamp(-1, 1)
+
+
+DEFAULT_NOISE_SCHEDULER = {
+    "class_path": "monai.networks.schedulers.DDPMScheduler",
+    "init_args": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "prediction_type": "v_prediction",
+                  "clip_sample": False},
+}
+
+
+def default_noise_scheduler() -> DDPMScheduler:
+    """A fresh scheduler as `DEFAULT_NOISE_SCHEDULER` describes (never shared between modules)."""
+    return DDPMScheduler(**DEFAULT_NOISE_SCHEDULER["init_args"])
 
 
 def schedule_from_betas(betas: torch.Tensor, prediction_type: str) -> DDPMScheduler:

@@ -59,7 +59,7 @@ def save_slices_png(volumes: torch.Tensor, path: str | Path, titles: Sequence[st
     count = volumes.shape[0]
     fig, axes = plt.subplots(count, 3, figsize=(7.5, 2.5 * count), squeeze=False)
     for row, volume in enumerate(volumes):
-        for col, (plane, image) in enumerate(zip(PLANES, orthogonal_slices(volume))):
+        for col, (plane, image) in enumerate(zip(PLANES, orthogonal_slices(volume), strict=True)):
             ax = axes[row][col]
             ax.imshow(image.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             ax.set_xticks([])

@@ -1,0 +1,67 @@
+"""Every YAML under configs/ parses and instantiates (GPU ones with the accelerator set to CPU)."""
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from datamodules import VolumeDataModule
+from lightning_modules.cli import MsrlCLI
+from lightning_modules.diffusion import DiffusionModule
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+          "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
+
+
+def _instantiate(args: list[str], tmp_path: Path) -> MsrlCLI:
+    return MsrlCLI(DiffusionModule, VolumeDataModule, subclass_mode_data=True, run=False,
+                   auto_configure_optimizers=False,
+                   args=[*args, *ON_CPU, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def _arguments_for(config: Path) -> list[str]:
+    kind = config.relative_to(REPO / "configs").parts[0]
+    template = str(REPO / "configs/pretrain/template.yaml")
+    if kind == "pretrain":
+        return ["-c", str(config)]
+    if kind == "trainer":
+        return ["-c", template, "--trainer", str(config)]
+    if kind == "data":
+        return ["-c", template, "--data", str(config)]
+    raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
+
+
+def test_configs_are_found() -> None:
+    assert len(CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_config_instantiates(config: Path, tmp_path: Path) -> None:
+    cli = _instantiate(_arguments_for(config), tmp_path)
+    assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, VolumeDataModule)
+    # The data module's shape reaches the model through the CLI's links.
+    assert cli.model.hparams.spatial_size == cli.datamodule.spatial_size
+    assert cli.model.hparams.in_channels == cli.datamodule.num_channels
+
+
+def test_every_key_is_commented() -> None:
+    for config in CONFIGS:
+        for number, line in enumerate(config.read_text().splitlines(), 1):
+            text = line.strip()
+            if not text or text.startswith("#") or text.startswith("- class_path") or text.endswith(":"):
+                continue  # comments, list items naming a class, and section headers
+            if text.startswith("class_path:") or text == "init_args:":
+                continue
+            assert "#" in line, f"{config.relative_to(REPO)}:{number} has no comment: {text}"
+
+
+def test_slurm_trainer_requeues_on_sigusr1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "msrl", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    cli = _instantiate(_arguments_for(REPO / "configs/trainer/slurm_ddp.yaml"), tmp_path)
+    environment = cli.trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    assert environment.job_id() == 42

@@ -1,0 +1,58 @@
+"""SLURM: the Trainer picks SLURMEnvironment from SLURM_* variables; `make pretrain` uses srun."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+from datamodules import VolumeDataModule
+from lightning_modules.cli import MsrlCLI
+from lightning_modules.diffusion import DiffusionModule
+from tests.conftest import REPO
+
+SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "msrl",
+              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1"}
+
+
+def _cluster_environment(tmp_path: Path) -> object:
+    cli = MsrlCLI(DiffusionModule, VolumeDataModule, subclass_mode_data=True, run=False,
+                  auto_configure_optimizers=False, args=["-c", str(REPO / "configs/pretrain/template.yaml"),
+                        "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    return cli.trainer._accelerator_connector.cluster_environment
+
+
+def test_slurm_variables_select_slurm_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    assert isinstance(_cluster_environment(tmp_path), LightningEnvironment)
+    for key, value in SLURM_TASK.items():
+        monkeypatch.setenv(key, value)
+    environment = _cluster_environment(tmp_path)
+    assert isinstance(environment, SLURMEnvironment) and environment.job_id() == 1234
+
+
+def test_make_pretrain_runs_srun_with_one_task_per_gpu(tmp_path: Path) -> None:
+    """scripts/pretrain.sh (what `make pretrain` runs) inside an allocation, with a recording srun."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    record = tmp_path / "srun-args"
+    (fake_bin / "srun").write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    (fake_bin / "srun").chmod(0o755)
+    env = {**os.environ, **SLURM_TASK, "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4",
+           "PATH": f"{fake_bin}:{os.environ['PATH']}", "CONFIG": "configs/pretrain/template_gpu.yaml", "GPUS": ""}
+    subprocess.run(["bash", "scripts/pretrain.sh", "--trainer.max_epochs", "3"], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    args = record.read_text().split()
+    assert args[:2] == ["--ntasks-per-node=4", "--kill-on-bad-exit=1"]
+    command = " ".join(args[2:])
+    assert command.startswith("msrl pretrain -c configs/pretrain/template_gpu.yaml")
+    for expected in ("--trainer.devices 4", "--trainer.num_nodes 2", "--trainer.strategy ddp",
+                     "--trainer.max_epochs 3"):
+        assert expected in command
+
+
+def test_sbatch_template_asks_for_the_requeue_signal() -> None:
+    sbatch = (REPO / "scripts/slurm/pretrain.sbatch").read_text()
+    assert "#SBATCH --signal=SIGUSR1@90" in sbatch and "make pretrain" in sbatch
