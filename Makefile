@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msrl-installed
 # pip's notes about this machine's local package mirrors are noise, not problems.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# Braces keep grep's "no line left" status from hiding pip's own (pipefail reports pip's failure).
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 CONFIG ?= configs/pretrain/template.yaml
 GPUS ?=

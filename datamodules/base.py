@@ -1,10 +1,11 @@
 """`VolumeDataModule`: what every data set shares — preprocessing, on-disk cache, splits, items.
 
-A data set states only what differs: which subjects exist (`list_subjects`) and how to read one
-into a TorchIO subject (`load_subject`). The base preprocesses every subject once (DESIGN.md §1),
-caches the tensors under `cache_dir`, splits deterministically by `seed` with stratification by
-label, and serves items `{"image": float32 [C, D, H, W] in [-1, 1], "label": int64 [],
-"subject_id": str}`.
+A data set states only what differs: which subjects exist and what is wrong with the listing
+(`scan`), and how to read one subject into a TorchIO subject (`load_subject`). The base applies the
+`on_bad_subject` policy, preprocesses every subject once (DESIGN.md §1) into a cache keyed by the
+preprocessing settings and by each source file's path, size and mtime, splits deterministically by
+`seed` with stratification by label, and serves items `{"image": float32 [C, D, H, W] in [-1, 1],
+"label": int64 [], "subject_id": str}` (plus `"meta"` where the data set has it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import json
 import logging
 import os
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.preprocessing import preprocess_subject
+from datamodules.problems import DataError, Problem
 from datamodules.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,12 @@ PREPROCESSING_VERSION = 1  # bump when preprocessing changes, so old caches are 
 
 @dataclass(frozen=True)
 class SubjectRecord:
-    """One subject of a data set: its id, its label and where it comes from (for errors)."""
+    """One subject: id, label, where it comes from (for errors), its source files, metadata."""
 
     subject_id: str
     label: int
     source: str = ""
+    files: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -53,12 +56,19 @@ class CachedVolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         image = torch.load(self.files[index], map_location="cpu", weights_only=True)["image"]
-        return {"image": image, "label": torch.tensor(record.label, dtype=torch.int64),
+        item = {"image": image.float(), "label": torch.tensor(record.label, dtype=torch.int64),
                 "subject_id": record.subject_id}
+        if record.meta:
+            item["meta"] = record.meta
+        return item
 
 
 class _PreprocessJobs(Dataset):
-    """Runs `load_subject` + preprocessing per subject, so DataLoader workers can parallelise it."""
+    """`load_subject` + preprocessing per subject; DataLoader workers run it in parallel.
+
+    A failure comes back as a `Problem` instead of an exception, so that every bad subject is
+    reported at once, in the main process, before training starts.
+    """
 
     def __init__(self, module: VolumeDataModule, records: list[SubjectRecord]) -> None:
         self.module, self.records = module, records
@@ -66,18 +76,16 @@ class _PreprocessJobs(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[str, dict[str, torch.Tensor]]:
+    def __getitem__(self, index: int) -> tuple[str, dict[str, torch.Tensor] | None, Problem | None]:
         record = self.records[index]
         try:
             subject = self.module.load_subject(record)
             image, mask = preprocess_subject(subject, self.module.channel_names, self.module.spatial_size)
-        except Exception as exc:  # re-raised with the subject named: the file is what the user fixes
-            where = f" ({record.source})" if record.source else ""
-            raise RuntimeError(f"subject {record.subject_id}{where}: {exc}") from exc
+        except Exception as exc:  # any failure on one subject is reported with its name, never hidden
+            return record.subject_id, None, Problem(record.subject_id, record.source, str(exc))
         if not torch.isfinite(image).all():
-            raise ValueError(f"subject {record.subject_id}{record.source and ' (' + record.source + ')'}: "
-                             "non-finite voxels after preprocessing")
-        return record.subject_id, {"image": image.to(self.module.cache_dtype), "mask": mask}
+            return record.subject_id, None, Problem(record.subject_id, record.source, "non-finite voxels")
+        return record.subject_id, {"image": image.to(self.module.cache_dtype), "mask": mask}, None
 
 
 class VolumeDataModule(L.LightningDataModule):
@@ -91,20 +99,24 @@ class VolumeDataModule(L.LightningDataModule):
         val_fraction: share of each label held out for validation.
         test_fraction: share of each label held out for testing.
         seed: seed of the split (and of anything random in the data set itself).
+        on_bad_subject: "error" stops with a list of every problem; "skip" leaves the affected
+            subjects out, logging each one and the count.
     """
 
     cache_dtype = torch.float32
 
     def __init__(self, spatial_size: int = 32, cache_dir: str | Path = "data/cache", batch_size: int = 2,
                  num_workers: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 0) -> None:
+                 seed: int = 0, on_bad_subject: Literal["error", "skip"] = "error") -> None:
         super().__init__()
         if spatial_size < 8:
             raise ValueError(f"spatial_size must be >= 8, got {spatial_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_bad_subject not in ("error", "skip"):
+            raise ValueError(f"on_bad_subject must be 'error' or 'skip', got {on_bad_subject!r}")
         self.spatial_size, self.cache_dir, self.batch_size = spatial_size, Path(cache_dir), batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.on_bad_subject = num_workers, seed, on_bad_subject
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.datasets: dict[str, CachedVolumeDataset] = {}
 
@@ -120,16 +132,20 @@ class VolumeDataModule(L.LightningDataModule):
         """Number of class labels (0 for an unlabelled data set)."""
 
     @abstractmethod
-    def list_subjects(self) -> list[SubjectRecord]:
-        """Every subject of the data set, in a stable order."""
+    def scan(self) -> tuple[list[SubjectRecord], list[Problem]]:
+        """Every subject found (stable order) and every problem of the listing itself."""
 
     @abstractmethod
     def load_subject(self, record: SubjectRecord) -> tio.Subject:
         """A TorchIO subject with one ScalarImage per channel and a `brain` LabelMap (optional)."""
 
     def cache_fields(self) -> dict[str, Any]:
-        """The parameters that decide the preprocessed content (they name the cache folder)."""
+        """The settings that decide the preprocessed content (they name the cache folder)."""
         return {}
+
+    def inspect_subject(self, record: SubjectRecord) -> list[Problem]:
+        """Problems of one subject's files (full read); `msrl data check` runs it on every subject."""
+        return []
 
     # Shared behaviour --------------------------------------------------------------------------
     @property
@@ -145,35 +161,46 @@ class VolumeDataModule(L.LightningDataModule):
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return self.cache_dir / f"{type(self).__name__}-{self.spatial_size}-{digest}"
 
+    def list_subjects(self) -> list[SubjectRecord]:
+        """The subjects to use: `scan()` with the `on_bad_subject` policy applied."""
+        records, problems = self.scan()
+        ids = [r.subject_id for r in records]
+        problems += [Problem(i, "", "duplicate subject id") for i in sorted({i for i in ids if ids.count(i) > 1})]
+        records = self._apply_policy(records, problems)
+        if not records:
+            raise DataError(type(self).__name__, [Problem("", "", "no usable subjects found")])
+        return records
+
     def prepare_data(self) -> None:
         """Preprocess every subject missing from the cache (local rank 0 only, once per node)."""
         records = self.list_subjects()
-        if not records:
-            raise ValueError(f"{type(self).__name__}: no subjects found")
-        ids = [r.subject_id for r in records]
-        if len(set(ids)) != len(ids):
-            twice = sorted({i for i in ids if ids.count(i) > 1})
-            raise ValueError(f"{type(self).__name__}: duplicate subject ids {twice}")
         self.cache_path.mkdir(parents=True, exist_ok=True)
-        todo = [r for r in records if not self._file(r.subject_id).exists()]
+        todo = [r for r in records if not self._file(r).exists()]
+        problems: list[Problem] = []
         if todo:
             log.info("preprocessing %d subjects into %s", len(todo), self.cache_path)
+            by_id = {r.subject_id: r for r in todo}
             jobs = DataLoader(_PreprocessJobs(self, todo), batch_size=None, num_workers=self.num_workers)
-            for subject_id, tensors in tqdm(jobs, total=len(todo), desc="preprocess", leave=False):
-                _atomic_save(tensors, self._file(subject_id))
-        index = [{"subject_id": r.subject_id, "label": r.label, "source": r.source} for r in records]
-        _atomic_write_text(json.dumps(index, indent=1), self.cache_path / "index.json")
+            for subject_id, tensors, problem in tqdm(jobs, total=len(todo), desc="preprocess", leave=False):
+                if problem is None:
+                    _atomic_save(tensors, self._file(by_id[subject_id]))
+                else:
+                    problems.append(problem)
+        records = self._apply_policy(records, problems)
+        index = [{**asdict(r), "cache_file": self._file(r).name} for r in records]
+        _atomic_write_text(json.dumps(index, indent=1, default=str), self.cache_path / "index.json")
 
     def setup(self, stage: str | None = None) -> None:
         """Read the cache index and build the train/val/test datasets."""
         index_file = self.cache_path / "index.json"
         if not index_file.exists():
             raise FileNotFoundError(f"{index_file} does not exist: run prepare_data() first")
-        records = [SubjectRecord(**row) for row in json.loads(index_file.read_text())]
+        rows = json.loads(index_file.read_text())
+        files = [self.cache_path / row.pop("cache_file") for row in rows]
+        records = [SubjectRecord(**{**row, "files": tuple(row["files"])}) for row in rows]
         split = stratified_split([r.label for r in records], self.val_fraction, self.test_fraction, self.seed)
         for name, indices in split.items():
-            chosen = [records[i] for i in indices]
-            self.datasets[name] = CachedVolumeDataset([self._file(r.subject_id) for r in chosen], chosen)
+            self.datasets[name] = CachedVolumeDataset([files[i] for i in indices], [records[i] for i in indices])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
@@ -191,13 +218,38 @@ class VolumeDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"the {split} split is not set up: call setup() first")
         if len(self.datasets[split]) == 0:
-            raise ValueError(f"the {split} split is empty: raise num_subjects or the {split}_fraction")
+            raise ValueError(f"the {split} split is empty: raise the number of subjects or the {split}_fraction")
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          drop_last=False)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def _file(self, subject_id: str) -> Path:
-        return self.cache_path / f"{subject_id}.pt"
+    def _apply_policy(self, records: list[SubjectRecord], problems: list[Problem]) -> list[SubjectRecord]:
+        """Log warnings; raise on errors, or (on_bad_subject="skip") drop the subjects they name."""
+        for problem in problems:
+            if problem.severity == "warning":
+                log.warning("%s", problem)
+        errors = [p for p in problems if p.severity == "error"]
+        if not errors:
+            return records
+        if self.on_bad_subject == "error" or any(not p.subject_id for p in errors):
+            raise DataError(type(self).__name__, errors,
+                            hint="Fix or remove these files, or set on_bad_subject: skip to leave the subjects out.")
+        bad = {p.subject_id for p in errors}
+        for problem in errors:
+            log.warning("skipping subject %s: %s", problem.subject_id, problem)
+        kept = [r for r in records if r.subject_id not in bad]
+        log.warning("skipped %d of %d subjects (on_bad_subject: skip)", len(records) - len(kept), len(records))
+        return kept
+
+    def _file(self, record: SubjectRecord) -> Path:
+        """Cache file of a subject, named by the path, size and mtime of each of its source files."""
+        if not record.files:
+            return self.cache_path / f"{record.subject_id}.pt"
+        stats = []
+        for name in record.files:
+            stat = os.stat(name)
+            stats.append((os.path.abspath(name), stat.st_size, stat.st_mtime_ns))
+        digest = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]
+        return self.cache_path / f"{record.subject_id}-{digest}.pt"
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 import torchio as tio
 
 from datamodules.base import SubjectRecord, VolumeDataModule
+from datamodules.problems import Problem
 
 GENERATOR_VERSION = 1  # part of the cache key: bump when the synthesis changes
 
@@ -137,12 +138,13 @@ class TemplateCohortDataModule(VolumeDataModule):
         return {"num_subjects": self.num_subjects, "seed": self.seed,
                 "template_resolution": self.template_resolution, "generator": GENERATOR_VERSION}
 
-    def list_subjects(self) -> list[SubjectRecord]:
-        """Balanced labels, in an order shuffled by the seed."""
+    def scan(self) -> tuple[list[SubjectRecord], list[Problem]]:
+        """Balanced labels, in an order shuffled by the seed; a synthetic cohort has no problems."""
         labels = np.arange(self.num_subjects) % 2
         labels = labels[np.random.default_rng([self.seed, 2**20]).permutation(self.num_subjects)]
-        return [SubjectRecord(f"template_{i:04d}", int(label), source=f"MNI152 cohort seed {self.seed}")
-                for i, label in enumerate(labels)]
+        records = [SubjectRecord(f"template_{i:04d}", int(label), source=f"MNI152 cohort seed {self.seed}")
+                   for i, label in enumerate(labels)]
+        return records, []
 
     def load_subject(self, record: SubjectRecord) -> tio.Subject:
         """Synthesise the subject from its index, label and the cohort's seed."""

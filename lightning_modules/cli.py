@@ -55,9 +55,17 @@ def run_sample(argv: list[str]) -> None:
     sample_main(argv)
 
 
+def run_data(argv: list[str]) -> None:
+    """`msrl data check`: subjects, labels, splits and problems of a data configuration."""
+    from datamodules.check import main as data_main
+
+    data_main(argv)
+
+
 VERBS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "pretrain": (run_pretrain, "pretrain a 3D DiffusionModule (LightningCLI fit)"),
     "sample": (run_sample, "draw volumes from a checkpoint into NIfTI files"),
+    "data": (run_data, "data check -c CONFIG: subjects, labels, splits and every problem on disk"),
 }
 
 

@@ -1,0 +1,82 @@
+"""Tests of `msrl data check` and of BraTS/OASIS pretraining through the CLI on fake trees."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from datamodules import BraTS2019DataModule, OASIS1DataModule
+from datamodules.check import check
+from lightning_modules.cli import main
+from tests.conftest import REPO, TINY_MODEL_ARGS
+from tests.fake_releases import make_brats, make_oasis
+from tests.test_brats import CASES
+from tests.test_oasis import SUBJECTS
+
+
+def test_check_prints_counts_and_exits_nonzero_on_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = make_brats(tmp_path / "data", CASES)
+    args = ["data", "check", "-c", str(REPO / "configs/data/brats2019.yaml"), "--data.init_args.root", str(folder),
+            "--data.init_args.expected_shape", "null", "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    main(args)  # a clean tree: no SystemExit
+    report = capsys.readouterr().out
+    assert "6 subjects found, 6 usable" in report and "0 error(s)" in report
+    assert "    0          3" in report and "    1          3" in report  # per label
+    t1 = folder / "HGG/BraTS19_CBICA_AAB_1/BraTS19_CBICA_AAB_1_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((24, 24, 16), np.nan, dtype=np.float32), np.eye(4)), t1)
+    (folder / "LGG/BraTS19_2013_0_1/BraTS19_2013_0_1_t2.nii.gz").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    report = capsys.readouterr().out
+    assert "6 subjects found, 4 usable" in report and "2 error(s)" in report
+    assert "BraTS19_CBICA_AAB_1_t1.nii.gz: 9216 non-finite voxels" in report
+    assert "BraTS19_2013_0_1_t2.nii.gz: missing modality file" in report
+
+
+def test_check_accepts_a_whole_pretrain_config(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MSRL_OASIS1_ROOT", str(make_oasis(tmp_path / "oasis", SUBJECTS)))
+    main(["data", "check", "-c", str(REPO / "configs/pretrain/oasis1.yaml"), "--data.init_args.expected_shape",
+          "null"])
+    assert "OASIS1DataModule: 5 subjects found, 5 usable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("release", ["brats", "oasis"])
+def test_real_release_sizes_pass_and_wrong_sizes_are_flagged(release: str, tmp_path: Path) -> None:
+    if release == "brats":
+        make_brats(tmp_path / "data", {"HGG": ["BraTS19_CBICA_AAB_1"]}, shape=(240, 240, 155))
+        data = BraTS2019DataModule(root=str(tmp_path / "data"), modalities=["t1"], grades=["HGG"],
+                                   cache_dir=tmp_path / "c", spatial_size=16)
+    else:
+        make_oasis(tmp_path / "data", {"OAS1_0001_MR1": "0"}, shape=(176, 208, 176))
+        data = OASIS1DataModule(root=str(tmp_path / "data"), cache_dir=tmp_path / "c", spatial_size=16)
+    report, problems = check(data)
+    assert problems == [], report
+    data.prepare_data()  # the full-size volume goes through the preprocessing
+    image = torch.load(next(data.cache_path.glob("*-*.pt")), weights_only=True)["image"]
+    assert image.shape == (1, 16, 16, 16)
+    data.expected_shape = (241, 240, 155)
+    _, problems = check(data)
+    assert len(problems) == 1 and "the release has (241, 240, 155)" in problems[0].message
+
+
+@pytest.mark.parametrize("release", ["brats2019", "oasis1"])
+def test_pretrain_runs_on_a_fake_release_through_the_cli(release: str, tmp_path: Path) -> None:
+    if release == "brats2019":
+        root = make_brats(tmp_path / "data", CASES, doubled=True).parent.parent
+    else:
+        root = make_oasis(tmp_path / "data", SUBJECTS)
+    main(["pretrain", "-c", str(REPO / f"configs/pretrain/{release}.yaml"),
+          "--trainer", str(REPO / "configs/trainer/cpu.yaml"), *TINY_MODEL_ARGS,
+          "--data.init_args.root", str(root), "--data.init_args.expected_shape", "null",
+          "--data.init_args.spatial_size", "16", "--data.init_args.num_workers", "0",
+          "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.val_fraction", "0.2",
+          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+          "--model.activation_checkpointing", "false", "--model.preview_every_n_epochs", "0",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    checkpoint = torch.load(tmp_path / "runs/pretrain/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["hyper_parameters"]["in_channels"] == (4 if release == "brats2019" else 1)
