@@ -39,6 +39,27 @@ class MsrlCLI(LightningCLI):
         })
 
 
+class FinetuneCLI(LightningCLI):
+    """LightningCLI for PPO: the module brings its own iteration loader; checkpoints every epoch."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Keep last.ckpt (and one per epoch is pointless: PPO has no validation metric)."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1,
+                             "checkpoint.filename": "iteration-epoch{epoch:03d}", "checkpoint.auto_insert_metric_name": False})
+
+
+def run_finetune(argv: list[str]) -> None:
+    """`msrl finetune`: LightningCLI `fit` of a `PPOFinetuneModule` (no data module: it samples)."""
+    from lightning_modules.ppo import PPOFinetuneModule
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    # The reward and the frozen reference model are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    FinetuneCLI(PPOFinetuneModule, datamodule_class=None, args=["fit", *argv], save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False, parser_kwargs={"prog": "msrl finetune"})
+
+
 def run_pretrain(argv: list[str]) -> None:
     """`msrl pretrain`: LightningCLI `fit` of a `DiffusionModule` on any `VolumeDataModule`."""
     # sys.argv must stay as it is: Lightning's DDP launcher re-runs it in the other processes.
@@ -64,6 +85,7 @@ def run_data(argv: list[str]) -> None:
 
 VERBS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "pretrain": (run_pretrain, "pretrain a 3D DiffusionModule (LightningCLI fit)"),
+    "finetune": (run_finetune, "PPO fine-tuning of a pretrained model against a reward (LightningCLI fit)"),
     "sample": (run_sample, "draw volumes from a checkpoint into NIfTI files"),
     "data": (run_data, "data check -c CONFIG: subjects, labels, splits and every problem on disk"),
 }
@@ -83,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         sys.exit(0 if argv else 2)
     verb, rest = argv[0], argv[1:]
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13, harmless
     if verb not in VERBS:
         print(f"msrl: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)

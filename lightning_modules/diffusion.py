@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.loggers import TensorBoardLogger
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
@@ -166,19 +168,51 @@ class DiffusionModule(L.LightningModule):
         scheduler = warmup_cosine_schedule(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the noise schedule itself (plain tensors), so any beta schedule reloads exactly."""
-        checkpoint["noise_schedule"] = {
-            "num_train_timesteps": int(self.noise_scheduler.num_train_timesteps),
-            "prediction_type": str(self.noise_scheduler.prediction_type),
-            "betas": self.noise_scheduler.betas.detach().cpu().clone(),
+    def diffusion_spec(self, prefix: str = "") -> dict[str, Any]:
+        """What rebuilds this model from any msrl checkpoint: hparams, noise schedule, state prefix.
+
+        The noise schedule is stored as its betas (plain tensors), so any beta schedule reloads
+        exactly; `prefix` is where this module's weights sit in the checkpoint's state dict.
+        """
+        return {
+            "hparams": {k: v for k, v in self.hparams.items() if not k.startswith("_")},
+            "prefix": prefix,
+            "noise_schedule": {"prediction_type": str(self.noise_scheduler.prediction_type),
+                               "betas": self.noise_scheduler.betas.detach().cpu().clone()},
         }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write `diffusion_spec()` so `msrl sample` and PPO can rebuild the model."""
+        checkpoint["msrl_diffusion"] = self.diffusion_spec()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the stored noise schedule over whatever the constructor built."""
-        spec = checkpoint.get("noise_schedule")
+        spec = checkpoint.get("msrl_diffusion", {}).get("noise_schedule")
         if spec is not None:
             self.noise_scheduler = schedule_from_betas(spec["betas"], spec["prediction_type"])
+
+    @classmethod
+    def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
+        """The diffusion model inside any msrl checkpoint (pretraining or PPO), read weights-only."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        spec = checkpoint.get("msrl_diffusion") if isinstance(checkpoint, dict) else None
+        if spec is None:
+            raise ValueError(f"checkpoint {path} was not written by msrl pretrain or finetune (no msrl_diffusion)")
+        schedule = schedule_from_betas(spec["noise_schedule"]["betas"], spec["noise_schedule"]["prediction_type"])
+        # LightningCLI hands its config to every save_hyperparameters() called while it builds a
+        # module; a DiffusionModule built inside PPOFinetuneModule must record its own arguments.
+        token = _given_hyperparameters.set(None)
+        try:
+            model = cls(**spec["hparams"], noise_scheduler=schedule)
+        finally:
+            _given_hyperparameters.reset(token)
+        prefix = spec["prefix"]
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        model.load_state_dict(state)
+        return model
 
     # Sampling ----------------------------------------------------------------------------------
     @torch.no_grad()

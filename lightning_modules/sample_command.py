@@ -38,15 +38,12 @@ def build_parser() -> ArgumentParser:
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
-    """A `DiffusionModule` from a checkpoint, read with `weights_only=True`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    """The diffusion model of a pretraining or fine-tuning checkpoint, read with `weights_only=True`."""
     try:
-        model = DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=True)
-    except (KeyError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"checkpoint {path} is not a DiffusionModule checkpoint written by msrl: {exc}") from exc
-    return model.eval()
+        model = DiffusionModule.from_msrl_checkpoint(path, map_location="cpu")
+    except (KeyError, RuntimeError, TypeError, EOFError) as exc:
+        raise ValueError(f"checkpoint {path} could not be read as an msrl checkpoint: {exc}") from exc
+    return model.to(device).eval()
 
 
 def main(argv: list[str]) -> None:

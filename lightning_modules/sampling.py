@@ -41,6 +41,42 @@ def _alphas(scheduler: DDIMScheduler, timestep: int | torch.Tensor, ndim: int, d
     return _per_sample(alpha_t, ndim), _per_sample(alpha_prev, ndim), prev_timestep
 
 
+def ddim_step_mean(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean μ and σ_t of the DDIM step's Gaussian (DDIM eq. 12 and 16), in MONAI's arithmetic.
+
+    Returns:
+        mean: μ, [B, C, D, H, W].
+        std_dev_t: σ_t = η·√variance (0-dim for an int timestep, [B, 1, 1, 1, 1] for a tensor).
+        variance: the η = 1 variance, as MONAI uses it to scale the noise.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    alpha_prod_t, alpha_prod_t_prev, _ = _alphas(scheduler, timestep, sample.ndim, sample.device)
+    beta_prod_t = 1 - alpha_prod_t
+    # Predicted x0 and ε, exactly as MONAI's DDIMScheduler.step computes them.
+    if scheduler.prediction_type == "epsilon":
+        pred_original_sample = (sample - (beta_prod_t**0.5) * model_output) / (alpha_prod_t**0.5)
+        pred_epsilon = model_output
+    elif scheduler.prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - (alpha_prod_t**0.5) * pred_original_sample) / (beta_prod_t**0.5)
+    elif scheduler.prediction_type == "v_prediction":
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.prediction_type!r}")
+    if scheduler.clip_sample:
+        pred_original_sample = torch.clamp(pred_original_sample, *scheduler.clip_sample_values)
+    variance = ((1 - alpha_prod_t_prev) / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance**0.5
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
+    mean = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+    return mean, std_dev_t, variance
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -72,29 +108,7 @@ def ddim_step_with_logprob(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    alpha_prod_t, alpha_prod_t_prev, _ = _alphas(scheduler, timestep, sample.ndim, sample.device)
-    beta_prod_t = 1 - alpha_prod_t
-    # Predicted x0 and ε, exactly as MONAI's DDIMScheduler.step computes them.
-    if scheduler.prediction_type == "epsilon":
-        pred_original_sample = (sample - (beta_prod_t**0.5) * model_output) / (alpha_prod_t**0.5)
-        pred_epsilon = model_output
-    elif scheduler.prediction_type == "sample":
-        pred_original_sample = model_output
-        pred_epsilon = (sample - (alpha_prod_t**0.5) * pred_original_sample) / (beta_prod_t**0.5)
-    elif scheduler.prediction_type == "v_prediction":
-        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
-    else:
-        raise ValueError(f"unsupported prediction_type {scheduler.prediction_type!r}")
-    if scheduler.clip_sample:
-        pred_original_sample = torch.clamp(pred_original_sample, *scheduler.clip_sample_values)
-    # σ_t of DDIM eq. 16.
-    variance = ((1 - alpha_prod_t_prev) / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std_dev_t = eta * variance**0.5
-    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
-    mean = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+    mean, std_dev_t, variance = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         prev_sample = mean
         if eta > 0:

@@ -52,3 +52,23 @@ def subprocess_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny class-conditional 16³ DiffusionModule after a few training steps, as a checkpoint."""
+    import lightning as L
+
+    from datamodules import TemplateCohortDataModule
+    from lightning_modules.diffusion import DiffusionModule
+
+    torch.manual_seed(0)
+    model = DiffusionModule(in_channels=1, spatial_size=16, num_classes=2, preview_every_n_epochs=0, lr=1e-3,
+                            **TINY_MODEL)
+    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, batch_size=2)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, data)
+    path = tmp_path_factory.mktemp("pretrained") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -6,8 +6,9 @@ import pytest
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules import VolumeDataModule
-from lightning_modules.cli import MsrlCLI
+from lightning_modules.cli import FinetuneCLI, MsrlCLI
 from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.ppo import PPOFinetuneModule
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -21,6 +22,12 @@ def _instantiate(args: list[str], tmp_path: Path) -> MsrlCLI:
                    args=[*args, *ON_CPU, "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
 
+def _instantiate_finetune(config: Path, checkpoint: Path, tmp_path: Path) -> FinetuneCLI:
+    return FinetuneCLI(PPOFinetuneModule, datamodule_class=None, run=False, auto_configure_optimizers=False,
+                       args=["-c", str(config), "--model.init_checkpoint", str(checkpoint), *ON_CPU,
+                             "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
 def _arguments_for(config: Path) -> list[str]:
     kind = config.relative_to(REPO / "configs").parts[0]
     template = str(REPO / "configs/pretrain/template.yaml")
@@ -30,6 +37,8 @@ def _arguments_for(config: Path) -> list[str]:
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
         return ["-c", template, "--data", str(config)]
+    if kind == "finetune":
+        return []
     raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
 
 
@@ -38,7 +47,11 @@ def test_configs_are_found() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_config_instantiates(config: Path, tmp_path: Path) -> None:
+def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint: Path) -> None:
+    if not _arguments_for(config):  # a fine-tuning config: it needs a pretrained checkpoint
+        cli = _instantiate_finetune(config, pretrained_checkpoint, tmp_path)
+        assert isinstance(cli.model, PPOFinetuneModule) and cli.model.policy.hparams.spatial_size == 16
+        return
     cli = _instantiate(_arguments_for(config), tmp_path)
     assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, VolumeDataModule)
     # The data module's shape reaches the model through the CLI's links.
