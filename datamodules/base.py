@@ -202,6 +202,26 @@ class VolumeDataModule(L.LightningDataModule):
         for name, indices in split.items():
             self.datasets[name] = CachedVolumeDataset([files[i] for i in indices], [records[i] for i in indices])
 
+    def intensity_histogram(self, bins: int = 64, background: float = -0.95) -> torch.Tensor:
+        """Mean normalised foreground histogram [bins] over [-1, 1] of the training split.
+
+        Computed once and stored with the cache (the intensity-histogram reward compares to it).
+        """
+        from rewards.rules import foreground_histogram
+
+        split = f"{self.seed}-{self.val_fraction}-{self.test_fraction}"
+        file = self.cache_path / f"histogram-{bins}-{background}-{split}.pt"
+        if file.exists():
+            return torch.load(file, weights_only=True)
+        if not self.datasets:
+            self.prepare_data()
+            self.setup("fit")
+        train = self.datasets["train"]
+        histogram = torch.stack([foreground_histogram(train[i]["image"], bins, background)
+                                 for i in range(len(train))]).mean(0)
+        _atomic_save(histogram, file)
+        return histogram
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
         return self._loader("train", shuffle=True)

@@ -20,7 +20,7 @@ import torchio as tio
 from datamodules.base import SubjectRecord, VolumeDataModule
 from datamodules.problems import Problem
 
-GENERATOR_VERSION = 1  # part of the cache key: bump when the synthesis changes
+GENERATOR_VERSION = 3  # part of the cache key: bump when the synthesis changes
 
 
 @lru_cache(maxsize=2)
@@ -86,8 +86,8 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
     augment_seed = int(rng.integers(2**31))
     image = (mix * template["t1"] + (1.0 - mix) * tissue) * mask
     if label == 1:  # its own generator: a subject with and without lesion differ only in the lesion
-        parts = lesion_maps(mask.shape, wm, np.random.default_rng([seed, index, 1]), radius_fraction=(0.05, 0.09))
-        for name, value in (("oedema", 0.38), ("rim", 1.05), ("core", 0.12)):
+        parts = lesion_maps(mask.shape, wm, np.random.default_rng([seed, index, 1]), radius_fraction=(0.08, 0.13))
+        for name, value in (("oedema", 0.32), ("rim", 1.4), ("core", 0.05)):  # contrast-enhanced look
             image = image * (1.0 - parts[name]) + value * parts[name] * mask
     subject = tio.Subject(
         image=tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)), affine=template["affine"]),

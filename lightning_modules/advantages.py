@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rewards.running import RunningMoments
+
 
 class ClassAdvantageNormaliser(nn.Module):
     """Advantages = rewards normalised by the mean and std of their class, clipped.
@@ -28,35 +30,23 @@ class ClassAdvantageNormaliser(nn.Module):
         super().__init__()
         if mode not in ("batch", "running"):
             raise ValueError(f"advantage mode must be 'batch' or 'running', got {mode!r}")
-        groups = max(num_classes, 1)
-        self.mode, self.momentum, self.clip, self.eps = mode, momentum, clip, eps
-        self.register_buffer("running_mean", torch.zeros(groups, dtype=torch.float64))
-        self.register_buffer("running_var", torch.ones(groups, dtype=torch.float64))
-        self.register_buffer("seen", torch.zeros(groups, dtype=torch.long))
+        self.mode, self.clip, self.eps = mode, clip, eps
+        self.running = RunningMoments(max(num_classes, 1), momentum)
 
     def forward(self, rewards: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Advantages [N] for rewards [N] and labels [N] (all ranks' samples, same on every rank)."""
-        groups = torch.zeros_like(rewards, dtype=torch.long) if labels is None or len(self.seen) == 1 else labels
+        single = labels is None or len(self.running.count) == 1
+        groups = torch.zeros_like(rewards, dtype=torch.long) if single else labels
         advantages = torch.zeros_like(rewards, dtype=torch.float64)
         for group in groups.unique().tolist():
             members = groups == group
             values = rewards[members].double()
             mean, var = values.mean(), values.var(unbiased=False)
             if self.mode == "running":
-                mean, var = self._update(group, mean, var)
+                self.running.update(group, mean, var)
+                mean, var = self.running.mean[group], self.running.var[group]
             advantages[members] = (values - mean) / (var.sqrt() + self.eps)
         return advantages.clamp(-self.clip, self.clip).to(rewards.dtype)
-
-    def _update(self, group: int, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.seen[group] == 0:
-            self.running_mean[group], self.running_var[group] = mean, var
-        else:
-            delta = mean - self.running_mean[group]
-            self.running_mean[group] += self.momentum * delta
-            self.running_var[group] = (1 - self.momentum) * (self.running_var[group] + self.momentum * delta**2) \
-                + self.momentum * var
-        self.seen[group] += 1
-        return self.running_mean[group], self.running_var[group]
 
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,

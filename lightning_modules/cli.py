@@ -21,17 +21,22 @@ from lightning_modules.diffusion import DEFAULT_NOISE_SCHEDULER, DiffusionModule
 class MsrlCLI(LightningCLI):
     """LightningCLI with the data module's shape linked into the model and checkpointing set up."""
 
+    monitor, mode = "val/loss", "min"  # what ranks the best checkpoint
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link in_channels/spatial_size/num_classes from the data; configure ModelCheckpoint."""
+        model = "model.init_args" if self.subclass_mode_model else "model"
         for attribute in ("num_channels", "spatial_size", "num_classes"):
             target = "in_channels" if attribute == "num_channels" else attribute
-            parser.link_arguments("data", f"model.{target}", apply_on="instantiate",
+            parser.link_arguments("data", f"{model}.{target}", apply_on="instantiate",
                                   compute_fn=lambda data, a=attribute: getattr(data, a))
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        if not self.subclass_mode_model:
+            # shown by --print_config, built fresh per run
+            parser.set_defaults({"model.noise_scheduler": DEFAULT_NOISE_SCHEDULER})
         parser.set_defaults({
-            "model.noise_scheduler": DEFAULT_NOISE_SCHEDULER,  # shown by --print_config, built fresh per run
-            "checkpoint.monitor": "val/loss",
-            "checkpoint.mode": "min",
+            "checkpoint.monitor": self.monitor,
+            "checkpoint.mode": self.mode,
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 1,
             "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
@@ -43,10 +48,11 @@ class FinetuneCLI(LightningCLI):
     """LightningCLI for PPO: the module brings its own iteration loader; checkpoints every epoch."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Keep last.ckpt (and one per epoch is pointless: PPO has no validation metric)."""
+        """Keep last.ckpt plus the latest epoch's checkpoint (PPO has no validation metric to rank by)."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1,
-                             "checkpoint.filename": "iteration-epoch{epoch:03d}", "checkpoint.auto_insert_metric_name": False})
+                             "checkpoint.filename": "iteration-epoch{epoch:03d}",
+                             "checkpoint.auto_insert_metric_name": False})
 
 
 def run_finetune(argv: list[str]) -> None:
@@ -58,6 +64,24 @@ def run_finetune(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     FinetuneCLI(PPOFinetuneModule, datamodule_class=None, args=["fit", *argv], save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False, parser_kwargs={"prog": "msrl finetune"})
+
+
+class RewardTrainingCLI(MsrlCLI):
+    """`msrl train-reward`: the best checkpoint is the one with the highest held-out AUROC."""
+
+    monitor, mode = "val/auroc", "max"
+
+
+def run_train_reward(argv: list[str]) -> None:
+    """`msrl train-reward`: LightningCLI `fit` of a reward network (critics or classifier)."""
+    from lightning import LightningDataModule
+
+    from lightning_modules.critics import RewardNetworkModule
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    RewardTrainingCLI(RewardNetworkModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      args=["fit", *argv], save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                      parser_kwargs={"prog": "msrl train-reward"})
 
 
 def run_pretrain(argv: list[str]) -> None:
@@ -86,6 +110,7 @@ def run_data(argv: list[str]) -> None:
 VERBS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "pretrain": (run_pretrain, "pretrain a 3D DiffusionModule (LightningCLI fit)"),
     "finetune": (run_finetune, "PPO fine-tuning of a pretrained model against a reward (LightningCLI fit)"),
+    "train-reward": (run_train_reward, "train the realism critics or the classifier behind learned rewards"),
     "sample": (run_sample, "draw volumes from a checkpoint into NIfTI files"),
     "data": (run_data, "data check -c CONFIG: subjects, labels, splits and every problem on disk"),
 }

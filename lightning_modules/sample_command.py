@@ -47,7 +47,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
 
 
 def main(argv: list[str]) -> None:
-    """Parse the options, draw the volumes, write `sample_XXXX.nii.gz`, `manifest.csv`, `slices.png`."""
+    """Parse the options, draw the volumes, write `sample_<index>.nii.gz`, `manifest.csv`, `slices.png`."""
     args = build_parser().parse_args(argv)
     if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
         raise ValueError("--num-samples, --steps and --batch-size must be >= 1")

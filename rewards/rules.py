@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from datamodules.base import VolumeDataModule
 from rewards.base import Reward
 
 
@@ -35,3 +37,108 @@ class InterSliceContinuityReward(Reward):
             total += ((ahead - behind).abs() * foreground).flatten(1).sum(1)
             count += foreground.flatten(1).sum(1)
         return -total / count.clamp(min=1.0)
+
+
+class HemisphericSymmetryReward(Reward):
+    """Left–right symmetry of the brain (3D volumetric, rule-based).
+
+    Minus the mean absolute difference between the volume and its mirror image across the
+    mid-sagittal plane (axis D, left→right after preprocessing), inside the foreground. A lesion is
+    asymmetric by nature: `classes` limits the reward to the classes it should apply to (others
+    get 0; PPO normalises advantages per class, so a constant changes nothing for them).
+
+    Args:
+        classes: labels the reward applies to (None: every volume).
+        background: intensity at or below which a voxel is background.
+        name: log key.
+    """
+
+    def __init__(self, classes: list[int] | None = None, background: float = -0.95, name: str = "symmetry") -> None:
+        super().__init__(name)
+        self.classes, self.background = classes, background
+
+    def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """-mean |x − mirror(x)| over the foreground: [B]."""
+        volumes = volumes.float()
+        mirror = volumes.flip(2)
+        foreground = ((volumes > self.background) | (mirror > self.background)).float()
+        count = foreground.flatten(1).sum(1).clamp(min=1)
+        reward = -((volumes - mirror).abs() * foreground).flatten(1).sum(1) / count
+        if self.classes is not None and labels is not None:
+            applies = torch.isin(labels, torch.tensor(self.classes, device=labels.device))
+            reward = torch.where(applies, reward, torch.zeros_like(reward))
+        return reward
+
+
+class BrainMaskPlausibilityReward(Reward):
+    """One connected brain and nothing outside the head (3D volumetric, rule-based).
+
+    reward = (share of foreground voxels in the largest connected component)
+           − (share of foreground voxels within `border` voxels of the volume's edge).
+    Preprocessing crops to the brain and pads, so real volumes score close to 1.
+
+    Args:
+        background: intensity at or below which a voxel is background.
+        border: width of the edge shell, in voxels, where a real brain has no mass.
+        name: log key.
+    """
+
+    def __init__(self, background: float = -0.8, border: int = 1, name: str = "mask") -> None:
+        super().__init__(name)
+        self.background, self.border = background, border
+
+    def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Largest-component share minus edge share: [B] in [-1, 1]."""
+        from scipy import ndimage  # connected components; scipy comes with nilearn
+
+        foreground = (volumes.float().amax(dim=1) > self.background).cpu().numpy()  # [B, D, H, W]
+        rewards = []
+        for mask in foreground:
+            total = mask.sum()
+            if total == 0:
+                rewards.append(-1.0)
+                continue
+            components, count = ndimage.label(mask)
+            largest = np.bincount(components.ravel())[1:].max() if count else 0
+            inner = np.zeros_like(mask)
+            b = self.border
+            inner[b:-b, b:-b, b:-b] = True
+            rewards.append(float(largest / total - (mask & ~inner).sum() / total))
+        return torch.tensor(rewards, device=volumes.device)
+
+
+class IntensityHistogramReward(Reward):
+    """Closeness of the foreground intensity distribution to the real training data's.
+
+    Minus the 1-Wasserstein distance between the volume's foreground intensity histogram and the
+    mean histogram of the real training volumes (`VolumeDataModule.intensity_histogram`, stored
+    with the data module's cache).
+
+    Args:
+        data: the real data set (its training split gives the reference histogram).
+        bins: histogram bins over [-1, 1].
+        background: intensity at or below which a voxel is background.
+        name: log key.
+    """
+
+    def __init__(self, data: VolumeDataModule, bins: int = 64, background: float = -0.95,
+                 name: str = "histogram") -> None:
+        super().__init__(name)
+        self.bins, self.background = bins, background
+        self.register_buffer("reference_cdf", data.intensity_histogram(bins, background).cumsum(0).float())
+
+    def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """-W1(volume's foreground histogram, reference): [B]."""
+        cdfs = torch.stack([foreground_histogram(v, self.bins, self.background) for v in volumes]).cumsum(1)
+        width = 2.0 / self.bins
+        return -(cdfs - self.reference_cdf.to(cdfs.device)).abs().sum(1) * width
+
+
+def foreground_histogram(volume: torch.Tensor, bins: int, background: float) -> torch.Tensor:
+    """Normalised histogram [bins] over [-1, 1] of the voxels above `background`."""
+    values = volume.float().flatten()
+    values = values[values > background]
+    if values.numel() == 0:
+        return torch.zeros(bins, device=volume.device)
+    histogram = torch.histc(values, bins=bins, min=-1.0, max=1.0)
+    return histogram / histogram.sum()

@@ -117,8 +117,8 @@ def test_advantages_are_normalised_per_class_and_clipped() -> None:
     running = ClassAdvantageNormaliser(2, mode="running", momentum=0.5)
     running(rewards, labels)
     running(rewards + 4.0, labels)
-    assert running.seen.tolist() == [2, 2]
-    torch.testing.assert_close(running.running_mean[0], torch.tensor(rewards[labels == 0].mean().item() + 2.0,
+    assert running.running.count.tolist() == [2, 2]
+    torch.testing.assert_close(running.running.mean[0], torch.tensor(rewards[labels == 0].mean().item() + 2.0,
                                                                      dtype=torch.float64))
 
 

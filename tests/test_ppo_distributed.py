@@ -30,7 +30,8 @@ def test_ddp_advantages_equal_single_process_and_ranks_agree(pretrained_checkpoi
 def test_fabric_run_starts_a_two_process_finetune(pretrained_checkpoint: Path, tmp_path: Path) -> None:
     fabric = str(Path(sys.executable).with_name("fabric"))
     command = [fabric, "run", "--accelerator", "cpu", "--devices", "2", str(REPO / "scripts/finetune.py"),
-               "-c", str(REPO / "configs/finetune/template.yaml"), "--model.init_checkpoint", str(pretrained_checkpoint),
+               "-c", str(REPO / "configs/finetune/template.yaml"),
+               "--model.init_checkpoint", str(pretrained_checkpoint),
                "--model.reward", "tests.test_ppo.BrightnessReward", "--model.num_steps", "5",
                "--model.iterations_per_epoch", "2", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
                "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]

@@ -1,0 +1,68 @@
+"""`MultiScaleReward`: named reward components, each normalised, combined with weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rewards.base import Reward, score_components
+from rewards.running import RunningMoments
+
+
+class MultiScaleReward(Reward):
+    """Weighted sum of normalised reward components (2D slice-wise, 3D volumetric, rule-based, …).
+
+    Each component is standardised by a running mean and std of its own values (updated in
+    training mode, stored in buffers and checkpoints), so that a weight means what it says whatever
+    the component's scale: total = Σ_k w_k · (r_k − mean_k) / std_k.
+
+    Args:
+        components: reward modules; each is logged under its `name` (its class name if it has none).
+        weights: one weight per component (None: all 1).
+        normalise: standardise the components (False: plain weighted sum of raw values).
+        momentum: weight of a new batch in the running statistics.
+        track_statistics: update the statistics on every call (set False to freeze them).
+        name: log key of the total.
+    """
+
+    def __init__(self, components: Sequence[nn.Module], weights: Sequence[float] | None = None,
+                 normalise: bool = True, momentum: float = 0.05, track_statistics: bool = True,
+                 name: str = "multiscale") -> None:
+        super().__init__(name)
+        if not components:
+            raise ValueError("MultiScaleReward needs at least one component")
+        weights = list(weights) if weights is not None else [1.0] * len(components)
+        if len(weights) != len(components):
+            raise ValueError(f"{len(components)} components but {len(weights)} weights")
+        self.components = nn.ModuleList(components)
+        self.names = [getattr(c, "name", type(c).__name__) for c in components]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"component names must be distinct (set `name`), got {self.names}")
+        self.weights = weights
+        self.normalise, self.track_statistics = normalise, track_statistics
+        self.running = RunningMoments(len(components), momentum)
+
+    def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted total [B]."""
+        return self.score(volumes, labels)[0]
+
+    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total [B] and every component's raw values ({name: [B]})."""
+        raw = {}
+        for name, component in zip(self.names, self.components, strict=True):
+            value, _ = score_components(component, volumes, labels)  # checks shape and finiteness, by name
+            raw[name] = value
+        stacked = torch.stack([raw[n] for n in self.names]).double()  # [K, B]
+        if self.normalise:
+            if self.track_statistics:  # PPO's rollouts move them; evaluation freezes them
+                for k in range(len(self.names)):
+                    self.running.update(k, stacked[k].mean(), stacked[k].var(unbiased=False))
+            elif int(self.running.count.min()) == 0:
+                raise RuntimeError(f"{self.name}: no normalisation statistics yet; score with track_statistics first")
+            stacked = (stacked - self.running.mean[:, None]) / (self.running.var[:, None].sqrt() + 1e-8)
+        weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
+        total = (weights[:, None] * stacked).sum(0).float()
+        return total, raw
