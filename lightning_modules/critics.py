@@ -18,7 +18,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
-from rewards.slices import SliceSampler, flatten_slices
+from rewards.slice2d import SliceSampler, flatten_slices
 
 
 class PooledConvNet(nn.Module):

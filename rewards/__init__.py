@@ -1,7 +1,7 @@
 """Rewards for PPO fine-tuning: the contract, the multi-scale composite, rule-based and learned rewards."""
 
 from rewards.base import Reward, score_components
-from rewards.learned import ClassifierReward, SliceCriticReward, VolumeCriticReward
+from rewards.clinical import ClassifierReward
 from rewards.multiscale import MultiScaleReward
 from rewards.rules import (
                            BrainMaskPlausibilityReward,
@@ -9,6 +9,8 @@ from rewards.rules import (
                            IntensityHistogramReward,
                            InterSliceContinuityReward,
 )
+from rewards.slice2d import SliceCriticReward
+from rewards.volume3d import VolumeCriticReward
 
 __all__ = ["BrainMaskPlausibilityReward", "ClassifierReward", "HemisphericSymmetryReward", "IntensityHistogramReward",
            "InterSliceContinuityReward", "MultiScaleReward", "Reward", "SliceCriticReward", "VolumeCriticReward",

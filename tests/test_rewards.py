@@ -19,7 +19,7 @@ from rewards import (
     VolumeCriticReward,
     score_components,
 )
-from rewards.slices import SliceSampler, aggregate
+from rewards.slice2d import SliceSampler, aggregate
 from tests.conftest import REPO
 
 
