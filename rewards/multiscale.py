@@ -58,11 +58,21 @@ class MultiScaleReward(Reward):
         stacked = torch.stack([raw[n] for n in self.names]).double()  # [K, B]
         if self.normalise:
             if self.track_statistics:  # PPO's rollouts move them; evaluation freezes them
+                every = _gather_across_ranks(stacked)  # identical statistics, hence scales, on every rank
                 for k in range(len(self.names)):
-                    self.running.update(k, stacked[k].mean(), stacked[k].var(unbiased=False))
+                    self.running.update(k, every[k].mean(), every[k].var(unbiased=False))
             elif int(self.running.count.min()) == 0:
                 raise RuntimeError(f"{self.name}: no normalisation statistics yet; score with track_statistics first")
             stacked = (stacked - self.running.mean[:, None]) / (self.running.var[:, None].sqrt() + 1e-8)
         weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
         total = (weights[:, None] * stacked).sum(0).float()
         return total, raw
+
+
+def _gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """[K, B] → [K, B·world]: every rank's values, when torch.distributed runs (else unchanged)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    parts = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, values.contiguous())
+    return torch.cat(parts, dim=1)

@@ -23,6 +23,9 @@ def test_ddp_advantages_equal_single_process_and_ranks_agree(pretrained_checkpoi
         labels = torch.cat([first["labels"], second["labels"]])
         expected = ClassAdvantageNormaliser(2)(rewards, labels)  # one process, the same total batch
         torch.testing.assert_close(torch.cat([first["advantages"], second["advantages"]]), expected)
+    for key, value in ranks[0]["reward_statistics"].items():  # the composite normalised alike on both ranks
+        assert torch.equal(ranks[1]["reward_statistics"][key], value), key
+    assert int(ranks[0]["reward_statistics"]["count"][0]) == 2
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(ranks[1]["weights"][key], value), key  # gradients were all-reduced
 

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from lightning_modules.ppo import PPOFinetuneModule
+from rewards import MultiScaleReward
 from tests.test_ppo import BrightnessReward
 
 
@@ -24,11 +25,13 @@ class RecordingPPO(PPOFinetuneModule):
 if __name__ == "__main__":
     checkpoint, out = sys.argv[1], sys.argv[2]
     L.seed_everything(0)
-    module = RecordingPPO(checkpoint, BrightnessReward(), num_steps=5, samples_per_iteration=3,
+    reward = MultiScaleReward([BrightnessReward()])  # normalised by statistics over both ranks
+    module = RecordingPPO(checkpoint, reward, num_steps=5, samples_per_iteration=3,
                           iterations_per_epoch=2, lr=1e-3)
     module.records = []
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module)
     torch.save({"records": module.records, "weights": module.policy.unet.state_dict(),
+                "reward_statistics": module.reward.running.state_dict(),
                 "iteration": int(module.iteration)}, f"{out}/rank{trainer.global_rank}.pt")
