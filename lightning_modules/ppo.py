@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -159,7 +160,7 @@ class PPOFinetuneModule(L.LightningModule):
         return labels, trajectory, volumes.clamp(-1, 1)
 
     @property
-    def scheduler(self):  # noqa: ANN201 - a MONAI DDIMScheduler
+    def scheduler(self) -> DDIMScheduler:
         """The DDIM scheduler over the pretrained model's own noise schedule."""
         if not hasattr(self, "_scheduler"):
             self._scheduler = ddim_from_training_schedule(self.policy.noise_scheduler)
