@@ -18,6 +18,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
+from lightning_modules.checkpoint_io import load_weights
 from rewards.slice2d import SliceSampler, flatten_slices
 
 
@@ -88,7 +89,11 @@ class RewardNetworkModule(L.LightningModule):
         if not path or not Path(path).is_file():
             raise ValueError(f"{reward} needs `checkpoint`, a network trained by {how_to_train}; "
                              f"got {path!r}")
-        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval().requires_grad_(False)
+        checkpoint = load_weights(path)  # refuses anything but tensors and plain data, with the file named
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        module = cls(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.eval().requires_grad_(False)
 
 
 class RealismCriticModule(RewardNetworkModule):

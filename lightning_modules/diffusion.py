@@ -16,6 +16,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lightning_modules.checkpoint_io import load_weights
 from lightning_modules.optim import warmup_cosine_schedule
 from lightning_modules.sampling import ddim_from_training_schedule, sample
 from lightning_modules.visualize import slice_grid
@@ -51,6 +52,8 @@ class DiffusionModule(L.LightningModule):
         preview_num_samples: volumes per preview (labels alternate between classes).
         preview_steps: DDIM steps of a preview.
         seed: seed of the fixed validation noise and previews.
+        max_nonfinite_steps: a non-finite loss skips its optimiser step (counted in
+            train/skipped_steps); this many in a row stop the run.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class DiffusionModule(L.LightningModule):
         preview_num_samples: int = 2,
         preview_steps: int = 25,
         seed: int = 0,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if len(channels) != len(attention_levels):
@@ -99,6 +103,8 @@ class DiffusionModule(L.LightningModule):
         )
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))  # saved: survives resume
+        self._skips_in_a_row = 0
         if activation_checkpointing:
             enable_activation_checkpointing(self.unet)
 
@@ -130,11 +136,26 @@ class DiffusionModule(L.LightningModule):
         return F.mse_loss(prediction.float(), target.float())
 
     # Lightning hooks ---------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """One DDPM step on a batch of volumes, with classifier-free-guidance label dropout."""
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """One DDPM step on a batch of volumes, with classifier-free-guidance label dropout.
+
+        A non-finite loss on any rank skips the step on every rank (returning None everywhere, so
+        DDP's collectives stay matched), is counted, and after `max_nonfinite_steps` in a row stops.
+        """
         loss = self.diffusion_loss(batch["image"], batch["label"], label_dropout=self.hparams.cfg_dropout)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}: lower lr or check data")
+        bad = self.trainer.strategy.reduce(torch.tensor(float(not torch.isfinite(loss)), device=self.device),
+                                           reduce_op="sum")
+        if bad > 0:
+            self.skipped_steps += 1
+            self._skips_in_a_row += 1
+            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, batch_size=1)
+            if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"train/loss was non-finite in {self._skips_in_a_row} steps in a row (the last at step "
+                    f"{self.global_step}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
+                    "overflow (use bf16-mixed or 32-true), or non-finite input volumes (run msrl data check)")
+            return None
+        self._skips_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
         return loss
 
@@ -194,10 +215,7 @@ class DiffusionModule(L.LightningModule):
     @classmethod
     def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
         """The diffusion model inside any msrl checkpoint (pretraining or PPO), read weights-only."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = load_weights(path, map_location)
         spec = checkpoint.get("msrl_diffusion") if isinstance(checkpoint, dict) else None
         if spec is None:
             raise ValueError(f"checkpoint {path} was not written by msrl pretrain or finetune (no msrl_diffusion)")

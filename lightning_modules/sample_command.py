@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> DiffusionModule:
     """The diffusion model of a pretraining or fine-tuning checkpoint, read with `weights_only=True`."""
     try:
         model = DiffusionModule.from_msrl_checkpoint(path, map_location="cpu")
-    except (KeyError, RuntimeError, TypeError, EOFError) as exc:
+    except (KeyError, TypeError) as exc:
         raise ValueError(f"checkpoint {path} could not be read as an msrl checkpoint: {exc}") from exc
     return model.to(device).eval()
 
