@@ -203,14 +203,17 @@ class DiffusionModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Write `diffusion_spec()` so `msrl sample` and PPO can rebuild the model."""
+        """Write `diffusion_spec()` (so `msrl sample` and PPO can rebuild the model) and RNG states."""
         checkpoint["msrl_diffusion"] = self.diffusion_spec()
+        checkpoint["msrl_rng"] = random_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the stored noise schedule over whatever the constructor built."""
+        """Restore the noise schedule, and the RNG states so a resumed run draws what it would have."""
         spec = checkpoint.get("msrl_diffusion", {}).get("noise_schedule")
         if spec is not None:
             self.noise_scheduler = schedule_from_betas(spec["betas"], spec["prediction_type"])
+        if "msrl_rng" in checkpoint:
+            restore_random_states(checkpoint["msrl_rng"])
 
     @classmethod
     def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
@@ -275,6 +278,36 @@ def schedule_from_betas(betas: torch.Tensor, prediction_type: str) -> DDPMSchedu
     scheduler.alphas = 1.0 - scheduler.betas
     scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
     return scheduler
+
+
+def random_states() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain data."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    """Undo `random_states()`: the noise, timesteps and shuffles continue as if never interrupted."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype("uint32"), numpy["position"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def enable_activation_checkpointing(unet: DiffusionModelUNet) -> None:

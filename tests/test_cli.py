@@ -49,6 +49,10 @@ def test_resume_continues_from_last_checkpoint(trained_run: Path, cohort_cache: 
               "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"))
     resumed = torch.load(tmp_path / "pretrain/version_0/checkpoints/last.ckpt", weights_only=True)
     assert resumed["global_step"] == 9 and resumed["epoch"] == 2  # one more epoch, not three
+    _pretrain(cohort_cache, tmp_path / "whole", "--trainer.max_epochs", "3")  # the same run, never stopped
+    whole = torch.load(tmp_path / "whole/pretrain/version_0/checkpoints/last.ckpt", weights_only=True)
+    for key, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
 def test_sample_writes_readable_nifti_and_manifest(trained_run: Path, tmp_path: Path) -> None:
