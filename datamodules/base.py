@@ -274,13 +274,24 @@ class VolumeDataModule(L.LightningDataModule):
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary name, then rename: a killed run never leaves a half file."""
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
     """Write text through a temporary file and a rename."""
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`.
+
+    The rename is atomic on POSIX file systems: readers see the old file or the new one. A write
+    that fails removes its temporary file; one killed outright leaves only a `.tmp<pid>` file that
+    nothing reads.
+    """
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
