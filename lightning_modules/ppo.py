@@ -66,6 +66,8 @@ class PPOFinetuneModule(L.LightningModule):
         iterations_per_epoch: PPO iterations per Lightning epoch (epochs only pace checkpoints).
         image_every_n_iterations: log middle slices of the rollout volumes every k iterations.
         seed: seed of rollouts and update shuffles (with the iteration and rank: resumable).
+        max_nonfinite_steps: an optimiser step with non-finite gradients is skipped and counted
+            (ppo/skipped_steps); this many in a row stop the run.
     """
 
     def __init__(
@@ -76,7 +78,7 @@ class PPOFinetuneModule(L.LightningModule):
         logprob_reduction: Literal["mean", "sum"] = "mean", clip_range: float = 1e-4, adv_clip_max: float = 5.0,
         advantage_mode: Literal["batch", "running"] = "batch", kl_coef: float = 0.0, lr: float = 1e-5,
         weight_decay: float = 0.0, max_grad_norm: float = 1.0, ema_decay: float = 0.9, iterations_per_epoch: int = 5,
-        image_every_n_iterations: int = 5, seed: int = 0,
+        image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if eta <= 0:
@@ -97,6 +99,8 @@ class PPOFinetuneModule(L.LightningModule):
             raise ValueError(f"class_probs must have {num_classes} entries summing to 1, got {list(class_probs)}")
         self.advantages = ClassAdvantageNormaliser(num_classes, advantage_mode, clip=adv_clip_max)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._skips_in_a_row = 0
         self._select_trainable(trainable_blocks)
 
     def _select_trainable(self, prefixes: Sequence[str] | None) -> None:
@@ -198,11 +202,28 @@ class PPOFinetuneModule(L.LightningModule):
                         totals.setdefault(key, []).append(value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.unet.parameters() if p.requires_grad], hp.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank decides alike
+                    optimizer.zero_grad(set_to_none=True)
+                    self._skip_step()
+                    continue
+                self._skips_in_a_row = 0
                 totals.setdefault("grad_norm", []).append(grad_norm.detach())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 self.policy.ema.update_parameters(self.policy.unet)
-        return {key: torch.stack(values).float().mean() for key, values in totals.items()}
+        stats = {key: torch.stack(values).float().mean() for key, values in totals.items()}
+        stats["skipped_steps"] = self.skipped_steps.float()
+        return stats
+
+    def _skip_step(self) -> None:
+        """Count a skipped optimiser step; stop after `max_nonfinite_steps` in a row."""
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"PPO gradients were non-finite in {self._skips_in_a_row} optimiser steps in a row (iteration "
+                f"{int(self.iteration)}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
+                "(use bf16-mixed or 32-true), or a clip range / log-prob reduction that do not fit together")
 
     def _step_loss(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
                    index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -53,5 +53,7 @@ def score_components(reward: nn.Module, volumes: torch.Tensor, labels: torch.Ten
         raise ValueError(f"reward {name} returned {shape}, expected a tensor of shape ({volumes.shape[0]},)")
     for key, value in {name: total, **components}.items():
         if not torch.isfinite(value).all():
-            raise FloatingPointError(f"reward component {key} returned non-finite values: {value.tolist()}")
+            samples = torch.nonzero(~torch.isfinite(value)).flatten().tolist()
+            raise FloatingPointError(f"reward component {key} returned non-finite values for samples {samples} "
+                                     f"of this batch: {value.tolist()}")
     return total.float(), {key: value.float() for key, value in components.items()}

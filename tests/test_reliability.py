@@ -93,3 +93,37 @@ def test_config_errors_stop_before_any_compute(pretrained_checkpoint: Path, tmp_
               str(REPO / "configs/trainer/cpu.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert exit_info.value.code == 1 and "MSRL_BRATS2019_ROOT" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class _NaNPPO(PPOFinetuneModule):
+    """PPO whose loss turns NaN: every optimiser step would see non-finite gradients."""
+
+    def _step_loss(self, *args, **kwargs):
+        loss, stats = super()._step_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+
+def test_ppo_skips_non_finite_updates_then_stops(pretrained_checkpoint: Path) -> None:
+    module = _NaNPPO(str(pretrained_checkpoint), InterSliceContinuityReward(), num_steps=4, micro_batch_size=2,
+                     samples_per_iteration=4, max_nonfinite_steps=3, iterations_per_epoch=3)
+    before = {n: p.detach().clone() for n, p in module.policy.unet.named_parameters()}
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(FloatingPointError, match="non-finite in 3 optimiser steps in a row"):
+        trainer.fit(module)
+    assert int(module.skipped_steps) == 3
+    for name, parameter in module.policy.unet.named_parameters():
+        assert torch.equal(parameter, before[name]), name  # nothing non-finite was applied
+
+
+def test_a_non_finite_reward_names_the_component_and_the_samples() -> None:
+    from rewards import score_components
+
+    class Half(torch.nn.Module):
+        name = "half"
+
+        def forward(self, volumes, labels=None):
+            return torch.tensor([0.0, float("nan"), 1.0, float("inf")])
+
+    with pytest.raises(FloatingPointError, match=r"half returned non-finite values for samples \[1, 3\]"):
+        score_components(Half(), torch.zeros(4, 1, 4, 4, 4), None)
