@@ -1,4 +1,4 @@
-"""Reading checkpoints safely: tensors and plain data only, never code (`weights_only=True`)."""
+"""Checkpoint contents: safe reading (tensors and plain data only, never code) and RNG states."""
 
 from __future__ import annotations
 
@@ -31,3 +31,33 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
             f"msrl writes none of these. Detail: {str(exc).splitlines()[0]}") from exc
     except (EOFError, RuntimeError, OSError) as exc:
         raise ValueError(f"checkpoint {path} could not be read (truncated or not a checkpoint): {exc}") from exc
+
+
+def random_states() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain data."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    """Undo `random_states()`: the noise, timesteps and shuffles continue as if never interrupted."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype("uint32"), numpy["position"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -16,7 +16,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lightning_modules.checkpoint_io import load_weights
+from lightning_modules.checkpoint_io import load_weights, random_states, restore_random_states
 from lightning_modules.optim import warmup_cosine_schedule
 from lightning_modules.sampling import ddim_from_training_schedule, sample
 from lightning_modules.visualize import slice_grid
@@ -278,36 +278,6 @@ def schedule_from_betas(betas: torch.Tensor, prediction_type: str) -> DDPMSchedu
     scheduler.alphas = 1.0 - scheduler.betas
     scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
     return scheduler
-
-
-def random_states() -> dict[str, Any]:
-    """This process's torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain data."""
-    import random
-
-    import numpy as np
-
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": random.getstate()}
-
-
-def restore_random_states(states: dict[str, Any]) -> None:
-    """Undo `random_states()`: the noise, timesteps and shuffles continue as if never interrupted."""
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype("uint32"), numpy["position"], numpy["has_gauss"],
-                         numpy["gauss"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def enable_activation_checkpointing(unet: DiffusionModelUNet) -> None:
