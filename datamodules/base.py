@@ -25,7 +25,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.preprocessing import preprocess_subject
+from datamodules.preprocessing import foreground_histogram, preprocess_subject
 from datamodules.problems import DataError, Problem
 from datamodules.splits import stratified_split
 
@@ -161,12 +161,16 @@ class VolumeDataModule(L.LightningDataModule):
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return self.cache_dir / f"{type(self).__name__}-{self.spatial_size}-{digest}"
 
-    def list_subjects(self) -> list[SubjectRecord]:
-        """The subjects to use: `scan()` with the `on_bad_subject` policy applied."""
+    def scan_with_duplicates(self) -> tuple[list[SubjectRecord], list[Problem]]:
+        """`scan()`, plus a problem for every subject id found more than once."""
         records, problems = self.scan()
         ids = [r.subject_id for r in records]
         problems += [Problem(i, "", "duplicate subject id") for i in sorted({i for i in ids if ids.count(i) > 1})]
-        records = self._apply_policy(records, problems)
+        return records, problems
+
+    def list_subjects(self) -> list[SubjectRecord]:
+        """The subjects to use: `scan_with_duplicates()` with the `on_bad_subject` policy applied."""
+        records = self._apply_policy(*self.scan_with_duplicates())
         if not records:
             raise DataError(type(self).__name__, [Problem("", "", "no usable subjects found")])
         return records
@@ -207,8 +211,6 @@ class VolumeDataModule(L.LightningDataModule):
 
         Computed once and stored with the cache (the intensity-histogram reward compares to it).
         """
-        from rewards.rules import foreground_histogram
-
         split = f"{self.seed}-{self.val_fraction}-{self.test_fraction}"
         file = self.cache_path / f"histogram-{bins}-{background}-{split}.pt"
         if file.exists():

@@ -48,9 +48,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def check(data: VolumeDataModule, read_files: bool = True) -> tuple[str, list[Problem]]:
     """The report (a table) and every problem found, listing problems and file problems alike."""
-    records, problems = data.scan()
-    ids = [r.subject_id for r in records]
-    problems += [Problem(i, "", "duplicate subject id") for i in sorted({i for i in ids if ids.count(i) > 1})]
+    records, problems = data.scan_with_duplicates()
     if read_files:
         for record in tqdm(records, desc="reading files", leave=False):
             problems += data.inspect_subject(record)

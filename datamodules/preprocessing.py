@@ -83,3 +83,13 @@ def preprocess_subject(
     image = torch.cat([subject[name].data.float() for name in channels], dim=0)
     image = torch.where(brain, image, torch.full_like(image, BACKGROUND)).clamp(-1.0, 1.0)
     return image.contiguous(), brain
+
+
+def foreground_histogram(volume: torch.Tensor, bins: int, background: float) -> torch.Tensor:
+    """Normalised histogram [bins] over [-1, 1] of the voxels above `background`."""
+    values = volume.float().flatten()
+    values = values[values > background]
+    if values.numel() == 0:
+        return torch.zeros(bins, device=volume.device)
+    histogram = torch.histc(values, bins=bins, min=-1.0, max=1.0)
+    return histogram / histogram.sum()

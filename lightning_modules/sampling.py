@@ -217,8 +217,7 @@ def sample(
         if return_trajectory:
             states.append(x)
             log_probs.append(log_prob)
-            prev_t = int(t) - scheduler.num_train_timesteps // scheduler.num_inference_steps
-            alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+            _, alpha_prev, _ = _alphas(scheduler, int(t), x.ndim, x.device)
             stochastic.append(bool(eta > 0 and alpha_prev < 1.0))
     if not return_trajectory:
         return x, None

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from datamodules.base import VolumeDataModule
+from datamodules.preprocessing import foreground_histogram
 from rewards.base import Reward
 
 
@@ -132,13 +133,3 @@ class IntensityHistogramReward(Reward):
         cdfs = torch.stack([foreground_histogram(v, self.bins, self.background) for v in volumes]).cumsum(1)
         width = 2.0 / self.bins
         return -(cdfs - self.reference_cdf.to(cdfs.device)).abs().sum(1) * width
-
-
-def foreground_histogram(volume: torch.Tensor, bins: int, background: float) -> torch.Tensor:
-    """Normalised histogram [bins] over [-1, 1] of the voxels above `background`."""
-    values = volume.float().flatten()
-    values = values[values > background]
-    if values.numel() == 0:
-        return torch.zeros(bins, device=volume.device)
-    histogram = torch.histc(values, bins=bins, min=-1.0, max=1.0)
-    return histogram / histogram.sum()
