@@ -93,11 +93,54 @@ def run_pretrain(argv: list[str]) -> None:
             parser_kwargs={"prog": "msrl pretrain"})
 
 
+class AutoencoderCLI(MsrlCLI):
+    """`msrl train-autoencoder`: the best checkpoint has the lowest val/l1; the module clips its own gradients."""
+
+    monitor, mode = "val/l1", "min"
+
+    def before_instantiate_classes(self) -> None:
+        """Set aside a shared trainer file's gradient_clip_val: Lightning cannot clip manual optimisation.
+
+        The module clips both optimisers itself (model.init_args.gradient_clip_val); a differing
+        trainer value is reported rather than silently lost.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_clip, model_clip = config.trainer.gradient_clip_val, config.model.init_args.get("gradient_clip_val")
+        if trainer_clip is not None and trainer_clip != model_clip:
+            warnings.warn(f"trainer.gradient_clip_val={trainer_clip} is ignored: the autoencoder clips with "
+                          f"model.init_args.gradient_clip_val={model_clip}", stacklevel=2)
+        config.trainer.gradient_clip_val = None
+
+
+def run_train_autoencoder(argv: list[str]) -> None:
+    """`msrl train-autoencoder`: LightningCLI `fit` of the first stage (VQ-GAN or KL, chosen by class_path)."""
+    from lightning_modules.autoencoder import AutoencoderModule
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    AutoencoderCLI(AutoencoderModule, VolumeDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   args=["fit", *argv], save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                   parser_kwargs={"prog": "msrl train-autoencoder"})
+
+
 def run_sample(argv: list[str]) -> None:
     """`msrl sample`: draw volumes from a checkpoint and write NIfTI files + manifest + PNG."""
     from lightning_modules.sample_command import main as sample_main
 
     sample_main(argv)
+
+
+def run_evaluate(argv: list[str]) -> None:
+    """`msrl evaluate`: FID/KID/MMD, MS-SSIM and downstream utility of checkpoints or sample folders."""
+    from evaluation.evaluate_command import main as evaluate_main
+
+    evaluate_main(argv)
+
+
+def run_report(argv: list[str]) -> None:
+    """`msrl report`: figures and report.md/report.html from training runs and evaluations."""
+    from evaluation.report import main as report_main
+
+    report_main(argv)
 
 
 def run_data(argv: list[str]) -> None:
@@ -109,9 +152,12 @@ def run_data(argv: list[str]) -> None:
 
 VERBS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "pretrain": (run_pretrain, "pretrain a 3D DiffusionModule (LightningCLI fit)"),
+    "train-autoencoder": (run_train_autoencoder, "train the 3D VQ-GAN (or KL) first stage of latent diffusion"),
     "finetune": (run_finetune, "PPO fine-tuning of a pretrained model against a reward (LightningCLI fit)"),
     "train-reward": (run_train_reward, "train the realism critics or the classifier behind learned rewards"),
     "sample": (run_sample, "draw volumes from a checkpoint into NIfTI files"),
+    "evaluate": (run_evaluate, "FID/KID/MMD, MS-SSIM diversity and downstream utility -> metrics.json/.md"),
+    "report": (run_report, "PNG figures + report.md/.html from runs and evaluations (curves, bars, slices)"),
     "data": (run_data, "data check -c CONFIG: subjects, labels, splits and every problem on disk"),
 }
 

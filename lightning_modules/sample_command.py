@@ -65,16 +65,51 @@ def main(argv: list[str]) -> None:
         labels = torch.arange(args.num_samples) % num_classes
     else:
         labels = torch.full((args.num_samples,), args.label)
-    volumes, seeds = [], []
-    for start in range(0, args.num_samples, args.batch_size):
-        count = min(args.batch_size, args.num_samples - start)
-        batch_labels = None if labels is None else labels[start : start + count]
-        volumes.append(model.generate(count, batch_labels, num_steps=args.steps, eta=args.eta,
-                                      guidance_scale=args.guidance_scale, seed=args.seed + start,
-                                      use_ema=not args.no_ema, progress=True).cpu())
-        seeds += [args.seed + start] * count
-    write_samples(torch.cat(volumes), labels, out, seeds=seeds, checkpoint=str(args.checkpoint))
+    volumes, seeds = draw_volumes(model, args.num_samples, labels, steps=args.steps, eta=args.eta,
+                                  guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                                  use_ema=not args.no_ema)
+    write_samples(volumes, labels, out, seeds=seeds, checkpoint=str(args.checkpoint))
     print(f"wrote {args.num_samples} volumes, manifest.csv and slices.png to {out}")
+
+
+def draw_volumes(model: DiffusionModule, num_samples: int, labels: torch.Tensor | None, steps: int = 50,
+                 eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 4,
+                 use_ema: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Draw `num_samples` volumes [N, C, S, S, S] on the CPU in batches; batch k is seeded `seed + k·batch_size`.
+
+    Returns the volumes and, per volume, the seed of its batch (what reproduces it).
+    """
+    volumes, seeds = [], []
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        batch_labels = None if labels is None else labels[start : start + count]
+        volumes.append(model.generate(count, batch_labels, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
+                                      seed=seed + start, use_ema=use_ema, progress=True).cpu())
+        seeds += [seed + start] * count
+    return torch.cat(volumes), seeds
+
+
+def read_samples(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Volumes [N, C, S, S, S] and labels [N] (None if unlabelled) of a folder written by `msrl sample`."""
+    folder = Path(folder)
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist: expected a folder written by msrl sample "
+                                "(sample_*.nii.gz + manifest.csv)")
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "file" not in rows[0]:
+        raise ValueError(f"{manifest} lists no volumes (expected columns file,label,…)")
+    volumes = []
+    for row in rows:
+        data = np.asarray(nib.load(folder / row["file"]).dataobj, dtype=np.float32)
+        volumes.append(torch.from_numpy(data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)))
+    shapes = {tuple(v.shape) for v in volumes}
+    if len(shapes) != 1:
+        raise ValueError(f"{folder}: volumes have different shapes {sorted(shapes)}")
+    labelled = all(row.get("label", "") != "" for row in rows)
+    labels = torch.tensor([int(row["label"]) for row in rows]) if labelled else None
+    return torch.stack(volumes), labels
 
 
 def write_samples(volumes: torch.Tensor, labels: torch.Tensor | None, out: Path, seeds: list[int],

@@ -1,0 +1,159 @@
+"""Feature extractors, the utility protocol, `msrl evaluate` (metrics.json schema) and `msrl report`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import resnet10
+from torch.utils.tensorboard import SummaryWriter
+
+from datamodules import TemplateCohortDataModule
+from evaluation import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
+from evaluation.evaluate import FeatureCache, distribution_records
+from evaluation.utility import LabelledVolumes, UtilityProtocol
+from lightning_modules.cli import main
+from tests.conftest import REPO
+
+
+def _cohort(cache: Path) -> TemplateCohortDataModule:
+    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cache, val_fraction=0.25,
+                                    test_fraction=0.25)
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def _split(data: TemplateCohortDataModule, name: str) -> LabelledVolumes:
+    items = [data.datasets[name][i] for i in range(len(data.datasets[name]))]
+    return LabelledVolumes(torch.stack([i["image"] for i in items]), torch.tensor([int(i["label"]) for i in items]))
+
+
+def test_medicalnet_extractor_loads_a_state_dict_in_medicalnets_key_format(tmp_path: Path) -> None:
+    # MedicalNet's released files: {"state_dict": {"module.conv1.weight": …, …, "module.conv_seg.…": …}}
+    torch.manual_seed(5)
+    source = resnet10(spatial_dims=3, n_input_channels=1, conv1_t_stride=2, feed_forward=False,
+                      shortcut_type="B", bias_downsample=False)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state["module.conv_seg.0.weight"] = torch.randn(32, 512, 3, 3, 3)
+    torch.save({"state_dict": state}, tmp_path / "resnet_10_23dataset.pth")
+    extractor = MedicalNetExtractor(depth=10, weights_path=str(tmp_path / "resnet_10_23dataset.pth"))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(extractor.network.state_dict()[name], tensor), name
+    assert extractor.name.startswith("medicalnet-resnet10-") and "random" not in extractor.name
+    volumes = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    assert extractor(volumes)["3d"].shape == (2, 512)
+    random = MedicalNetExtractor(depth=10)
+    assert random.name == "medicalnet-resnet10-random-seed0"
+    assert not torch.allclose(random(volumes)["3d"], extractor(volumes)["3d"])
+
+
+def test_medicalnet_extractor_names_the_file_that_does_not_fit(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(64, 1, 7, 7, 7)}}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="partial.pth does not fit"):
+        MedicalNetExtractor(depth=10, weights_path=str(tmp_path / "partial.pth"))
+    with pytest.raises(ValueError, match="missing.pth does not exist"):
+        MedicalNetExtractor(depth=10, weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_slice_extractor_views_are_grouped_by_volume() -> None:
+    extractor = SliceExtractor(depth=10, slices_per_plane=3)
+    volumes = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    features = extractor(volumes)
+    assert set(features) == {"axial", "coronal", "sagittal", "pooled"}
+    assert features["axial"].shape[0] == 6 and features["pooled"].shape[0] == 18
+    alone = extractor(volumes[1:])["pooled"]
+    assert torch.allclose(features["pooled"][9:], alone, atol=1e-5)  # volume 1 owns rows 9..17
+
+
+def test_fid_of_real_against_itself_is_zero_and_against_noise_larger(cohort_cache: Path) -> None:
+    data = _cohort(cohort_cache)
+    real = _split(data, "train") + _split(data, "val") + _split(data, "test")
+    cache = FeatureCache([MedicalNetExtractor(depth=10)], real)
+    same = distribution_records(cache, real, num_bootstrap=5, kid_subsets=5)
+    noise = distribution_records(cache, LabelledVolumes(torch.rand_like(real.volumes) * 2 - 1, real.labels),
+                                 num_bootstrap=5, kid_subsets=5)
+    fid_same = next(r for r in same if r["metric"] == "fid" and r["class"] == "all")
+    fid_noise = next(r for r in noise if r["metric"] == "fid" and r["class"] == "all")
+    assert abs(fid_same["value"]) < 1e-4 and fid_noise["value"] > 1.0
+    assert {r["class"] for r in same} == {"all", "0", "1"}
+
+
+def test_utility_protocol_reports_all_three_training_sets(cohort_cache: Path) -> None:
+    data = _cohort(cohort_cache)
+    train, test = _split(data, "train"), _split(data, "test")
+    synthetic = LabelledVolumes(train.volumes.flip(2), train.labels)  # stand-in for generated volumes
+    protocol = UtilityProtocol(channels=(8, 8), epochs=2, batch_size=4, seeds=(0, 1))
+    for train_set in (train, synthetic, train + synthetic):
+        results = protocol.evaluate(train_set, test, num_classes=2)
+        assert set(results) == {"accuracy", "balanced_accuracy", "auroc"}
+        for estimate in results.values():
+            assert 0.0 <= estimate.value <= 1.0 and estimate.std is not None and estimate.std >= 0
+
+
+def _evaluate(cache: Path, out: Path, *sources: str) -> None:
+    main(["evaluate", "--data-config", str(REPO / "configs/data/template.yaml"),
+          "--data.init_args.num_subjects", "8", "--data.init_args.spatial_size", "16",
+          "--data.init_args.cache_dir", str(cache), "--data.init_args.val_fraction", "0.25",
+          "--data.init_args.test_fraction", "0.25", *sources, "--num-samples", "4", "--steps", "2",
+          "--bootstrap", "4", "--kid-subsets", "4", "--ms-ssim-pairs", "4",
+          "--utility.channels", "[8,8]", "--utility.epochs", "1", "--utility.seeds", "[0]",
+          "--extractors", '[{"class_path": "evaluation.MedicalNetExtractor"}, '
+                          '{"class_path": "evaluation.SliceExtractor", "init_args": {"depth": 10, '
+                          '"slices_per_plane": 2}}]',
+          "--out", str(out)])
+
+
+def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
+        cohort_cache: Path, pretrained_checkpoint: Path, tmp_path: Path) -> None:
+    main(["sample", "--checkpoint", str(pretrained_checkpoint), "--num-samples", "4", "--steps", "2",
+          "--out", str(tmp_path / "drawn")])
+    _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
+              "--generated", str(tmp_path / "drawn"))
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["schema_version"] == 1 and len(result["extractors"]) == 2
+    assert [e["name"] for e in result["entries"]] == ["last", "drawn"]
+    for entry in result["entries"]:
+        metrics = {(r["metric"], r["extractor"], r["view"]) for r in entry["records"]}
+        for extractor in result["extractors"]:
+            for metric in ("fid", "kid", "mmd"):
+                assert any(m == (metric, extractor, v) for m in metrics for v in ("3d", "pooled", "axial"))
+        assert {"ms_ssim", "utility/auroc", "utility/balanced_accuracy", "utility/accuracy"} <= {m[0] for m in metrics}
+        for row in entry["records"]:
+            assert {"metric", "value", "ci95", "extractor", "num_generated", "num_real", "class"} <= set(row)
+            assert row["num_generated"] > 0
+        assert {r["train_set"] for r in entry["records"] if "train_set" in r} == {"synthetic", "real+synthetic"}
+    assert "checkpoint" in result["entries"][0]["source"] and "generated" in result["entries"][1]["source"]
+    assert "| real data |" in (tmp_path / "eval" / "metrics.md").read_text()
+    assert (tmp_path / "eval" / "samples" / "last" / "manifest.csv").is_file()
+
+    run = tmp_path / "runs" / "finetune" / "version_0"
+    with SummaryWriter(str(run)) as writer:
+        for step in range(5):
+            writer.add_scalar("ppo/reward/slice2d", 0.1 * step, step)
+            writer.add_scalar("ppo/heldout_fid", 3.0 - 0.2 * step, step)
+    main(["report", str(tmp_path / "eval"), str(run), "--out", str(tmp_path / "report")])
+    pngs = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert {"reward_curves.png", "eval0_metrics.png", "eval0_slices_class0.png", "eval0_histograms.png"} <= pngs
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert all(name in page for name in pngs) and "<table>" in page
+
+
+def test_evaluate_refuses_missing_sources_before_any_compute(cohort_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(tmp_path / "nope.ckpt"))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_classifier_extractor_uses_the_classifiers_penultimate_layer(tmp_path: Path) -> None:
+    import lightning as L
+
+    from lightning_modules.critics import ClassifierModule
+
+    module = ClassifierModule(in_channels=1, spatial_size=16, num_classes=2, channels=(8, 8))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "classifier.ckpt")
+    extractor = ClassifierFeatureExtractor(str(tmp_path / "classifier.ckpt"))
+    assert extractor.name.startswith("indomain-classifier-")
+    assert extractor(torch.rand(3, 1, 16, 16, 16))["3d"].shape == (3, 16)
