@@ -127,11 +127,12 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, mean = x.to(dtype), mean.to(dtype)
-    std = torch.as_tensor(std, dtype=dtype, device=x.device).expand_as(x)
+    # σ stays 0-dim or [B, 1, ..., 1] and broadcasts: the same values as expanding it, in fewer full-volume ops.
+    std = torch.as_tensor(std, dtype=dtype, device=x.device)
     stochastic = std > 0
     safe_std = torch.where(stochastic, std, torch.ones_like(std))
     element = -((x - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
-    element = torch.where(stochastic, element, torch.zeros_like(element))
+    element = torch.where(stochastic, element, element.new_zeros(()))
     dims = tuple(range(1, x.ndim))
     return element.sum(dims) if reduction == "sum" else element.mean(dims)
 
