@@ -16,7 +16,7 @@ CKPT ?=
 SAMPLES ?= 8
 OUT ?= samples
 
-.PHONY: install demo test test-full pretrain sample tensorboard lint clean
+.PHONY: install demo test test-full pretrain sample tensorboard lint bench clean
 
 install: $(STAMP)  ## create .venv and install msrl (idempotent)
 
@@ -48,6 +48,10 @@ tensorboard: install  ## LOGDIR=runs
 
 lint: install
 	$(BIN)/ruff check .
+
+bench: install  ## A/B ratio benchmarks against plain PyTorch/MONAI (< 10 min on 2 cores); GPU=1: the GPU sizes
+	MSRL_BENCH_COMMAND="make bench$(if $(GPU), GPU=$(GPU))" \
+		$(BIN)/python -m benchmarks $(if $(filter 1 yes true,$(GPU)),--gpu)
 
 clean:
 	rm -rf $(VENV) data/cache runs samples demo_out .pytest_cache .ruff_cache *.egg-info

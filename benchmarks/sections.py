@@ -1,0 +1,162 @@
+"""The benchmark sections, in the order `make bench` runs them.
+
+A section is a function `(config, report) -> None` that measures something and adds rows
+(`report.add_pair`) or tables (`report.tables[...]`). To add a row, write a section that builds
+two zero-argument callables and hands them to `compare`, then append it to `SECTIONS`. The
+planned `latent_rollout_ratio` row, for instance, once the autoencoder exists:
+
+    def latent_rollout(config: BenchConfig, report: Report) -> None:
+        # A: rollout in the autoencoder's latent space at 64³, decoding included; B: voxel rollout at 64³
+        report.add_pair(compare("latent_rollout_ratio", latent_rollout_and_decode, voxel_rollout, goal=...,
+                                repeats=config.repeats, a_label="latent rollout + decode",
+                                b_label="voxel rollout", sync=synchroniser(config.device)))
+
+    SECTIONS.append(("latent_rollout", latent_rollout))
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.finetuning import (
+    monai_rollout,
+    msrl_rollout,
+    ppo_iteration,
+    ppo_module,
+    ppo_update_per_pass,
+    sampler_arithmetic,
+    unet_forward_backward,
+    update_passes,
+)
+from benchmarks.gpu import gpu_section
+from benchmarks.harness import PairResult, Report, Table, compare, medians
+from benchmarks.memory import checkpointing_memory
+from benchmarks.pretraining import HandWrittenTraining, diffusion_module, lightning_steps, synchroniser
+from benchmarks.settings import BenchConfig, PPOSize
+from lightning_modules.ppo import PPOFinetuneModule
+
+log = logging.getLogger(__name__)
+
+Section = Callable[[BenchConfig, Report], None]
+PHASES = ("rollout", "reward", "update")
+
+
+def pretrain_step(config: BenchConfig, report: Report) -> None:
+    """`pretrain_step_ratio`: a DiffusionModule step through the Trainer against a hand-written loop."""
+    module = diffusion_module(config.pretrain)
+    baseline = HandWrittenTraining(module, config)
+    report.add_pair(compare(
+        "pretrain_step_ratio", lightning_steps(module, config), baseline, goal=1.05, repeats=config.repeats,
+        a_label="DiffusionModule step, Trainer", b_label="hand-written loop", sync=synchroniser(config.device)))
+
+
+def ppo(config: BenchConfig, report: Report) -> None:
+    """`rollout_ratio`, `ppo_update_ratio`, `reward_share` and the split of one PPO iteration."""
+    with tempfile.TemporaryDirectory() as workdir:
+        module = ppo_module(config.ppo, Path(workdir), config)
+        rollout_rows(module, config, report)
+        update_rows(module, config, report)
+
+
+def rollout_rows(module: PPOFinetuneModule, config: BenchConfig, report: Report) -> None:
+    """`rollout_ratio`, and the same two samplers without the UNet (what the samplers themselves cost)."""
+    size, sync = config.ppo, synchroniser(config.device)
+    rollout = compare(
+        "rollout_ratio", msrl_rollout(module, config), monai_rollout(module, size, config), goal=1.00,
+        repeats=config.repeats, a_label="msrl sampler, log-probs", b_label="MONAI DiffusionInferer", sync=sync)
+    report.add_pair(rollout)
+    msrl_arithmetic, monai_arithmetic = sampler_arithmetic(module, size, config)
+    arithmetic = compare(
+        "rollout_arithmetic_ratio", msrl_arithmetic, monai_arithmetic, goal=None, repeats=config.repeats,
+        a_label="msrl sampler, UNet taken out", b_label="MONAI inferer, UNet taken out", sync=sync)
+    report.add_pair(arithmetic)
+    extra = statistics.median(arithmetic.a) - statistics.median(arithmetic.b)
+    report.notes.append(f"msrl's sampler itself (log-probs, trajectory) costs {1e3 * extra:.2f} ms more per rollout "
+                        f"than MONAI's DDIM step: {100 * extra / statistics.median(rollout.a):.2f}% of msrl's rollout.")
+
+
+def update_rows(module: PPOFinetuneModule, config: BenchConfig, report: Report) -> None:
+    """`ppo_update_ratio` and, from the same PPO iterations, `reward_share` and the split table."""
+    size = config.ppo
+    iterations: list[dict[str, float]] = []
+    report.add_pair(compare(
+        "ppo_update_ratio", ppo_update_per_pass(module, config, iterations),
+        unet_forward_backward(module, size, config), goal=1.15, repeats=config.repeats,
+        a_label="PPO update per trained step", b_label="UNet forward+backward", sync=synchroniser(config.device)))
+    timed = iterations[-config.repeats:]  # the warm-up iteration left out
+    expected = update_passes(size)
+    if any(split["passes"] != expected for split in timed):
+        log.warning("PPO made %s UNet passes per update, the baseline %d", [s["passes"] for s in timed], expected)
+    report.add_pair(PairResult("reward_share", [s["reward"] for s in timed], [s["iteration"] for s in timed],
+                               0.10, "reward computation", "whole PPO iteration"))
+    title = (f"One PPO iteration ({size.net.label()}, {size.samples} samples, {size.num_steps} DDIM steps), "
+             f"medians of {len(timed)} iterations")
+    report.tables["ppo_split"] = split_table(title, [(size, medians(timed, (*PHASES, "iteration")))])
+
+
+def split_table(title: str, runs: list[tuple[PPOSize, dict[str, float]]]) -> Table:
+    """Rows of seconds and shares per phase; "other" is advantages and logging."""
+    rows = []
+    for size, t in runs:
+        other = t["iteration"] - sum(t[p] for p in PHASES)
+        rows.append([size.net.label(), size.num_steps, update_passes(size), *(t[p] for p in PHASES), other,
+                     t["iteration"], *(f"{100 * t[p] / t['iteration']:.1f}%" for p in PHASES)])
+    return Table(title, ["size", "DDIM steps", "trained passes", "rollout s", "reward s", "update s", "other s",
+                         "iteration s", "rollout", "reward", "update"], rows)
+
+
+def scaling(config: BenchConfig, report: Report) -> None:
+    """How one PPO iteration grows with the volume side and with the number of DDIM steps."""
+    measured: dict[tuple[int, int], tuple[PPOSize, dict[str, float]]] = {}
+
+    def point(side: int, steps: int) -> tuple[PPOSize, dict[str, float]]:
+        if (side, steps) not in measured:  # the two tables share a point
+            size = PPOSize(config.scaling_net.at(side), config.scaling_samples, steps,
+                           config.ppo.timestep_fraction, config.scaling_samples)
+            with tempfile.TemporaryDirectory() as workdir:
+                module = ppo_module(size, Path(workdir), config)
+                ppo_iteration(module, config)  # warm-up
+                log.info("  scaling %s, %d steps", size.net.label(), steps)
+                measured[side, steps] = size, ppo_iteration(module, config)
+        return measured[side, steps]
+
+    samples = f"{config.scaling_samples} sample{'s' if config.scaling_samples != 1 else ''} per iteration"
+    by_size = [point(side, config.scaling_size_steps) for side in config.scaling_sizes]
+    report.tables["scaling_size"] = split_table(
+        f"One PPO iteration by volume side ({samples}, {config.scaling_size_steps} DDIM steps)", by_size)
+    side = config.scaling_steps_size()
+    by_steps = [point(side, steps) for steps in config.scaling_steps]
+    report.tables["scaling_steps"] = split_table(
+        f"One PPO iteration by DDIM steps ({config.scaling_net.at(side).label()}, {samples})", by_steps)
+
+
+def memory(config: BenchConfig, report: Report) -> None:
+    """`ckpt_memory_ratio`: peak memory of a training step with and without activation checkpointing."""
+    pair, table = checkpointing_memory(config)
+    report.add_pair(pair)
+    report.tables["memory"] = table
+
+
+SECTIONS: list[tuple[str, Section]] = [
+    ("pretrain", pretrain_step),
+    ("ppo", ppo),
+    ("memory", memory),
+    ("scaling", scaling),
+    ("gpu", gpu_section),
+]
+
+
+def run_sections(config: BenchConfig, report: Report, names: list[str] | None = None) -> None:
+    """Run the named sections (all by default) in `SECTIONS` order."""
+    known = [name for name, _ in SECTIONS]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown benchmark sections {unknown}; known: {known}")
+    for name, section in SECTIONS:
+        if names is None or name in names:
+            log.info("section %s (%s preset)", name, config.name)
+            section(config, report)

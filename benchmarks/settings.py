@@ -1,0 +1,158 @@
+"""Benchmark sizes: the CPU preset of `make bench`, the GPU preset of `make bench GPU=1`, a tiny one for tests.
+
+Sizes are chosen so that each ratio means something: the work measured (UNet passes) is large
+next to a framework's per-step overhead, yet `make bench` stays under 10 minutes on 2 CPU cores.
+Every preset is a frozen `BenchConfig`; `dataclasses.replace` derives variants (`--repeats`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["32-true", "bf16-mixed"]
+
+
+@dataclass(frozen=True)
+class Net:
+    """A class-conditional `DiffusionModule` UNet and its cubic volume side.
+
+    Attributes:
+        spatial_size: side S of the [B, 1, S, S, S] volumes.
+        channels: UNet channels per level.
+        attention_levels: self-attention per level.
+        norm_num_groups: GroupNorm groups (divides every channel count).
+        num_head_channels: channels per attention head.
+        num_res_blocks: residual blocks per level.
+    """
+
+    spatial_size: int
+    channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    norm_num_groups: int = 8
+    num_head_channels: int = 8
+    num_res_blocks: int = 1
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `DiffusionModule` (everything but the volume side)."""
+        kwargs = asdict(self)
+        kwargs.pop("spatial_size")
+        return kwargs
+
+    def at(self, spatial_size: int) -> Net:
+        """The same network on volumes of another side."""
+        return Net(spatial_size, self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels,
+                   self.num_res_blocks)
+
+    def label(self) -> str:
+        """Short description for tables, e.g. `32³ (16,32,32)`."""
+        return f"{self.spatial_size}³ ({','.join(map(str, self.channels))})"
+
+
+@dataclass(frozen=True)
+class PPOSize:
+    """One PPO iteration's size (the `PPOFinetuneModule` arguments that set its cost).
+
+    Attributes:
+        net: the policy network.
+        samples: `samples_per_iteration`, volumes rolled out per iteration.
+        num_steps: DDIM steps per rollout (η = 1, as DDPO).
+        timestep_fraction: share of the stochastic steps trained on.
+        micro_batch_size: volumes per forward pass in the update.
+    """
+
+    net: Net
+    samples: int
+    num_steps: int
+    timestep_fraction: float
+    micro_batch_size: int
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one run of the benchmarks needs.
+
+    Attributes:
+        name: "cpu", "gpu" or "tiny" (the block of RESULTS.md it updates; tiny updates none).
+        device: where tensors live; the CPU presets never touch CUDA.
+        precision: Lightning precision of every A and B ("32-true" on CPU, "bf16-mixed" on GPU).
+        threads: torch intra-op threads (None: torch's default). See RESULTS.md for why 1 on CPU.
+        repeats: timed repetitions of each pair, alternating A/B, after one warm-up of each.
+        pretrain: network of the pretraining pair; pretrain_batch its batch; pretrain_steps the
+            training steps timed per repetition.
+        ppo: the PPO iteration of the rollout, update and reward-share rows.
+        memory: network of the activation-checkpointing memory pair; memory_batch its batch;
+            memory_repeats fresh processes per variant; memory_variants the checkpointing variants
+            measured ("blocks" and "none" make the row; "resnets" is the finer alternative).
+        scaling_net: network of the scaling tables (same at every volume side).
+        scaling_sizes: volume sides of the scaling-by-size table.
+        scaling_steps: DDIM steps of the scaling-by-steps table (at the first side of
+            `scaling_sizes` that is ≥ 32, else the last).
+        scaling_samples: rollout volumes per iteration in the scaling tables.
+        scaling_size_steps: DDIM steps of the scaling-by-size table.
+        gpu_sizes: (network, batch) pairs of the GPU throughput table (GPU preset only).
+    """
+
+    name: str
+    device: Device
+    precision: Precision
+    threads: int | None
+    repeats: int
+    pretrain: Net
+    pretrain_batch: int
+    pretrain_steps: int
+    ppo: PPOSize
+    memory: Net
+    memory_batch: int
+    memory_repeats: int
+    scaling_net: Net
+    scaling_sizes: tuple[int, ...]
+    scaling_steps: tuple[int, ...]
+    scaling_samples: int
+    scaling_size_steps: int
+    gpu_sizes: tuple[tuple[Net, int], ...] = field(default=())
+    memory_variants: tuple[str, ...] = ("blocks", "none", "resnets")
+
+    def scaling_steps_size(self) -> int:
+        """The volume side at which the scaling-by-steps table runs."""
+        return next((s for s in self.scaling_sizes if s >= 32), self.scaling_sizes[-1])
+
+
+# The brief's reference network for a 32³ training step (about 1.7 s per step on one core).
+_REFERENCE_32 = Net(32, (32, 64, 64), norm_num_groups=16, num_head_channels=16)
+# The demo's network (configs/pretrain/template.yaml), which the demo fine-tunes with PPO.
+_TEMPLATE_32 = Net(32, (16, 32, 32))
+_TINY_16 = Net(16, (8, 8, 8))
+
+CPU = BenchConfig(
+    name="cpu", device="cpu", precision="32-true", threads=1, repeats=5,
+    pretrain=_REFERENCE_32, pretrain_batch=1, pretrain_steps=2,
+    ppo=PPOSize(_TEMPLATE_32, samples=2, num_steps=10, timestep_fraction=0.3, micro_batch_size=2),
+    memory=_REFERENCE_32, memory_batch=2, memory_repeats=1,
+    scaling_net=Net(16, (8, 16, 16)), scaling_sizes=(16, 32, 64), scaling_steps=(4, 8, 16), scaling_samples=1,
+    scaling_size_steps=4,
+)
+
+# 64³ and 128³ on one GPU: four levels, so attention runs at 8³/16³ tokens, not at 16³/32³.
+_GPU_64 = Net(64, (64, 128, 128, 256), attention_levels=(False, False, False, True), norm_num_groups=32,
+              num_head_channels=32)
+GPU = BenchConfig(
+    name="gpu", device="cuda", precision="bf16-mixed", threads=None, repeats=5,
+    pretrain=_GPU_64, pretrain_batch=4, pretrain_steps=5,
+    ppo=PPOSize(_GPU_64, samples=8, num_steps=20, timestep_fraction=0.5, micro_batch_size=4),
+    memory=_GPU_64.at(128), memory_batch=1, memory_repeats=1,
+    scaling_net=_GPU_64, scaling_sizes=(32, 64, 128), scaling_steps=(10, 20, 50), scaling_samples=2,
+    scaling_size_steps=10, gpu_sizes=((_GPU_64, 4), (_GPU_64.at(128), 1)),
+)
+
+TINY = BenchConfig(
+    name="tiny", device="cpu", precision="32-true", threads=1, repeats=1,
+    pretrain=_TINY_16, pretrain_batch=1, pretrain_steps=1,
+    ppo=PPOSize(_TINY_16, samples=2, num_steps=3, timestep_fraction=0.5, micro_batch_size=2),
+    memory=_TINY_16, memory_batch=1, memory_repeats=1,
+    scaling_net=_TINY_16, scaling_sizes=(16,), scaling_steps=(2,), scaling_samples=1, scaling_size_steps=2,
+    memory_variants=("blocks", "none"),
+)
+
+PRESETS = {"cpu": CPU, "gpu": GPU, "tiny": TINY}

@@ -1,0 +1,97 @@
+"""Tests of the benchmark machinery (no timing is asserted): a tiny run writes every row, FLOPs are counted right."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.gpu import bf16_peak_flops, count_flops, model_flop_utilisation, training_step_flops
+from benchmarks.harness import PairResult, compare, update_markdown_block
+from benchmarks.run import main
+from benchmarks.settings import TINY
+
+KEYS = ("pretrain_step_ratio", "rollout_ratio", "ppo_update_ratio", "reward_share", "ckpt_memory_ratio")
+
+
+def _positive_finite(value: object) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`python -m benchmarks --tiny` (16³, one repetition), all sections."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    assert main(["--tiny", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_tiny_run_writes_every_row_with_positive_finite_numbers(tiny_results: dict) -> None:
+    assert set(KEYS) <= set(tiny_results["ratios"])
+    for key in KEYS:
+        row = tiny_results["ratios"][key]
+        for field in ("value", "ratio_min", "ratio_max", "a_median", "b_median", "goal"):
+            assert _positive_finite(row[field]), (key, field, row[field])
+        assert all(_positive_finite(v) for v in row["a"] + row["b"]), key
+        assert len(row["a"]) == len(row["b"]) == TINY.repeats
+    for table in ("ppo_split", "scaling_size", "scaling_steps", "memory"):
+        assert tiny_results["tables"][table]["rows"], table
+    split = tiny_results["tables"]["ppo_split"]["rows"][0]
+    assert all(_positive_finite(v) for v in split[3:8]), split  # rollout, reward, update, other, iteration
+    assert tiny_results["meta"]["device"] == "cpu"
+
+
+def test_the_cpu_path_never_initialises_cuda(tiny_results: dict) -> None:
+    assert not torch.cuda.is_initialized()
+
+
+def test_compare_alternates_and_pairs_measurements() -> None:
+    calls: list[str] = []
+    result = compare("x_ratio", lambda: calls.append("a") or 2.0, lambda: calls.append("b") or 4.0, goal=1.0,
+                     repeats=3, a_label="a", b_label="b")
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert result.ratios == [0.5, 0.5, 0.5] and result.holds
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        PairResult("y", [1.0], [], None, "a", "b")
+
+
+def test_conv_flops_match_the_formula() -> None:
+    conv = torch.nn.Conv3d(4, 6, kernel_size=3, padding=1)
+    x = torch.randn(2, 4, 8, 8, 8, requires_grad=True)
+    forward = 2 * 2 * 6 * 4 * 27 * 8**3  # 2 · N · C_out · C_in · k³ · output voxels
+    assert count_flops(lambda: conv(x)) == forward
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + grad of input and of weight
+
+
+def test_training_step_flops_count_forward_and_backward() -> None:
+    from benchmarks.pretraining import diffusion_module
+
+    module = diffusion_module(TINY.pretrain)
+    images, labels = torch.rand(1, 1, 16, 16, 16), torch.tensor([1])
+    with torch.no_grad():
+        forward = count_flops(lambda: module.diffusion_loss(images, labels))
+    step = training_step_flops(TINY.pretrain, 1, TINY)
+    assert 2.5 * forward < step <= 3 * forward  # conv_in's input needs no gradient
+
+
+def test_bf16_peaks_and_utilisation() -> None:
+    assert bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bf16_peak_flops("NVIDIA L40S") == 362e12
+    assert bf16_peak_flops("cpu") is None
+    assert model_flop_utilisation(1e12, 2.0, 1e12) == 0.5
+    assert model_flop_utilisation(1e12, 2.0, None) is None
+
+
+def test_markdown_block_is_replaced_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nprose before\n")
+    update_markdown_block(path, "cpu", "first")
+    update_markdown_block(path, "cpu", "second")
+    text = path.read_text()
+    assert "prose before" in text and "second" in text and "first" not in text
+    assert text.count("<!-- bench:cpu:start -->") == 1
