@@ -54,6 +54,18 @@ class FinetuneCLI(LightningCLI):
                              "checkpoint.filename": "iteration-epoch{epoch:03d}",
                              "checkpoint.auto_insert_metric_name": False})
 
+    def _add_instantiators(self) -> None:
+        """Only the model's hyper-parameter instantiator: there is no data module to record.
+
+        Lightning registers one for `data` even without a datamodule class, and it then intercepts
+        every class built in the config (e.g. the held-out data module of `HeldoutFIDGuard`) and
+        fails on the missing `data` section.
+        """
+        from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
+
+        self.parser.add_instantiator(_InstantiatorFn(cli=self, key="model"), _get_module_type(self._model_class),
+                                     subclasses=self.subclass_mode_model)
+
 
 def run_finetune(argv: list[str]) -> None:
     """`msrl finetune`: LightningCLI `fit` of a `PPOFinetuneModule` (no data module: it samples)."""

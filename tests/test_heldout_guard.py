@@ -1,0 +1,52 @@
+"""The reward-hacking guard: ppo/heldout_fid during PPO, the stopping rule, independence from the reward."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules import TemplateCohortDataModule
+from evaluation import MedicalNetExtractor
+from lightning_modules.heldout_guard import HeldoutFIDGuard, refuse_shared_networks
+from tests.test_ppo import _finetune
+
+
+def _guard(cache: Path | str, **kwargs: object) -> HeldoutFIDGuard:
+    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cache, val_fraction=0.25)
+    return HeldoutFIDGuard(data, MedicalNetExtractor(depth=10), **kwargs)
+
+
+@pytest.mark.parametrize("history, expected", [
+    ([(1, 1.0, 0.1), (2, 1.1, 0.2), (3, 1.2, 0.3)], True),    # FID worse twice in a row, reward up: hacking
+    ([(1, 1.0, 0.1), (2, 1.1, 0.2), (3, 1.05, 0.3)], False),  # FID recovered
+    ([(1, 1.0, 0.3), (2, 1.1, 0.2), (3, 1.2, 0.1)], False),   # reward fell too: the policy is just getting worse
+    ([(1, 1.0, 0.1), (2, 1.1, 0.2)], False),                  # not enough evaluations yet
+])
+def test_stopping_rule(history: list[tuple[int, float, float]], expected: bool) -> None:
+    guard = _guard("unused", patience=2)
+    guard.history = history
+    assert guard.hacking() is expected
+    restored = _guard("unused", patience=2)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.history == history
+
+
+def test_guard_logs_heldout_fid_during_ppo(pretrained_checkpoint: Path, cohort_cache: Path, tmp_path: Path) -> None:
+    callbacks = ('[{"class_path": "lightning_modules.heldout_guard.HeldoutFIDGuard", "init_args": {'
+                 '"data": {"class_path": "datamodules.TemplateCohortDataModule", "init_args": {"num_subjects": 8, '
+                 f'"spatial_size": 16, "cache_dir": "{cohort_cache}", "val_fraction": 0.25}}}}, '
+                 '"extractor": {"class_path": "evaluation.MedicalNetExtractor"}, "every_n_iterations": 2, '
+                 '"num_samples": 2, "num_steps": 2}}]')
+    run = _finetune(pretrained_checkpoint, tmp_path, "--trainer.max_epochs", "1", "--model.iterations_per_epoch", "4",
+                    "--trainer.callbacks", callbacks)
+    values = [e.value for e in EventAccumulator(str(run)).Reload().Scalars("ppo/heldout_fid")]
+    assert len(values) == 3 and all(v > 0 and torch.isfinite(torch.tensor(v)) for v in values)  # iterations 1, 2, 4
+
+
+def test_an_extractor_sharing_the_rewards_network_is_refused() -> None:
+    extractor = MedicalNetExtractor(depth=10)
+    reward = torch.nn.Sequential(torch.nn.Linear(3, 3), extractor.network.layer1)  # the same weights inside
+    with pytest.raises(ValueError, match="shares weights with the reward"):
+        refuse_shared_networks(extractor, reward)
+    refuse_shared_networks(extractor, torch.nn.Sequential(torch.nn.Conv3d(64, 64, 3)))  # different weights: fine
