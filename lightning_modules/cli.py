@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import VolumeDataModule
-from lightning_modules.diffusion import DEFAULT_NOISE_SCHEDULER, DiffusionModule
+from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.noise_schedules import DEFAULT_NOISE_SCHEDULER
 
 
 class MsrlCLI(LightningCLI):

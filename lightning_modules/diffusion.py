@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.loggers import TensorBoardLogger
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_modules.checkpoint_io import load_weights, random_states, restore_random_states
+from lightning_modules.latent import LatentSpace
+from lightning_modules.noise_schedules import default_noise_scheduler, schedule_from_betas
 from lightning_modules.optim import warmup_cosine_schedule
 from lightning_modules.sampling import ddim_from_training_schedule, sample
 from lightning_modules.visualize import slice_grid
@@ -54,6 +56,8 @@ class DiffusionModule(L.LightningModule):
         seed: seed of the fixed validation noise and previews.
         max_nonfinite_steps: a non-finite loss skips its optimiser step (counted in
             train/skipped_steps); this many in a row stop the run.
+        autoencoder_checkpoint: an `msrl train-autoencoder` checkpoint: diffuse in its (scaled)
+            latent space, decode samples to full-size volumes. None: diffusion in voxel space.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class DiffusionModule(L.LightningModule):
         preview_steps: int = 25,
         seed: int = 0,
         max_nonfinite_steps: int = 5,
+        autoencoder_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if len(channels) != len(attention_levels):
@@ -95,8 +100,12 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["noise_scheduler"])
         self.noise_scheduler = noise_scheduler
         self.null_class = num_classes if num_classes > 0 else None
+        self.latent = None if autoencoder_checkpoint is None else LatentSpace(autoencoder_checkpoint)
+        if self.latent is not None:
+            self.latent.check_images(in_channels, spatial_size)
+        unet_channels = self.sample_shape[0]
         self.unet = DiffusionModelUNet(
-            spatial_dims=3, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
+            spatial_dims=3, in_channels=unet_channels, out_channels=unet_channels, channels=tuple(channels),
             attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
             num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
             num_class_embeds=num_classes + 1 if num_classes > 0 else None,
@@ -107,6 +116,27 @@ class DiffusionModule(L.LightningModule):
         self._skips_in_a_row = 0
         if activation_checkpointing:
             enable_activation_checkpointing(self.unet)
+
+    # The space diffusion happens in --------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int, int]:
+        """[C, s, s, s] of what the UNet denoises: the scaled latent, or the volume itself."""
+        if self.latent is not None:
+            return self.latent.shape
+        size = self.hparams.spatial_size
+        return (self.hparams.in_channels, size, size, size)
+
+    def to_diffusion_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Volumes [B, C, S, S, S] → what the UNet denoises (scaled latents, or the volumes)."""
+        return images if self.latent is None else self.latent.encode(images)
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Final samples → volumes [B, C, S, S, S] in [-1, 1] (decoded by the frozen autoencoder if latent)."""
+        return samples.clamp(-1, 1) if self.latent is None else self.latent.decode(samples).clamp(-1, 1)
+
+    def ddim_scheduler(self) -> DDIMScheduler:
+        """DDIM over this model's schedule; x0 is clipped to [-1, 1] only for voxel-space models."""
+        return ddim_from_training_schedule(self.noise_scheduler, clip_sample=self.latent is None)
 
     # The network -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +172,8 @@ class DiffusionModule(L.LightningModule):
         A non-finite loss on any rank skips the step on every rank (returning None everywhere, so
         DDP's collectives stay matched), is counted, and after `max_nonfinite_steps` in a row stops.
         """
-        loss = self.diffusion_loss(batch["image"], batch["label"], label_dropout=self.hparams.cfg_dropout)
+        loss = self.diffusion_loss(self.to_diffusion_space(batch["image"]), batch["label"],
+                                   label_dropout=self.hparams.cfg_dropout)
         bad = self.trainer.strategy.reduce(torch.tensor(float(not torch.isfinite(loss)), device=self.device),
                                            reduce_op="sum")
         if bad > 0:
@@ -162,7 +193,7 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """val/loss with noise and timesteps fixed by (seed, batch), comparable across epochs."""
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + batch_idx)
-        loss = self.diffusion_loss(batch["image"], batch["label"], generator=generator)
+        loss = self.diffusion_loss(self.to_diffusion_space(batch["image"]), batch["label"], generator=generator)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -200,6 +231,7 @@ class DiffusionModule(L.LightningModule):
             "prefix": prefix,
             "noise_schedule": {"prediction_type": str(self.noise_scheduler.prediction_type),
                                "betas": self.noise_scheduler.betas.detach().cpu().clone()},
+            "autoencoder": None if self.latent is None else self.latent.spec(),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -230,6 +262,9 @@ class DiffusionModule(L.LightningModule):
             model = cls(**spec["hparams"], noise_scheduler=schedule)
         finally:
             _given_hyperparameters.reset(token)
+        recorded = spec.get("autoencoder")
+        if model.latent is not None and recorded is not None:  # the file exists (or __init__ raised): same one?
+            model.latent.check_sha256(recorded["sha256"])
         prefix = spec["prefix"]
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         model.load_state_dict(state)
@@ -245,39 +280,16 @@ class DiffusionModule(L.LightningModule):
             labels = torch.arange(num_samples) % self.hparams.num_classes
         if labels is not None:
             labels = labels.to(self.device, torch.long)
-        size = self.hparams.spatial_size
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        noise = torch.randn((num_samples, self.hparams.in_channels, size, size, size), generator=generator,
-                            device=self.device)
+        noise = torch.randn((num_samples, *self.sample_shape), generator=generator, device=self.device)
         model = self.ema_forward if use_ema else self.forward
         was_training = self.training
         self.eval()
-        volumes, _ = sample(model, ddim_from_training_schedule(self.noise_scheduler), noise, labels,
-                            num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, null_class=self.null_class,
-                            generator=generator, progress=progress)
+        samples, _ = sample(model, self.ddim_scheduler(), noise, labels, num_steps=num_steps, eta=eta,
+                            guidance_scale=guidance_scale, null_class=self.null_class, generator=generator,
+                            progress=progress)
         self.train(was_training)
-        return volumes.clamp(-1, 1)
-
-
-DEFAULT_NOISE_SCHEDULER = {
-    "class_path": "monai.networks.schedulers.DDPMScheduler",
-    "init_args": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "prediction_type": "v_prediction",
-                  "clip_sample": False},
-}
-
-
-def default_noise_scheduler() -> DDPMScheduler:
-    """A fresh scheduler as `DEFAULT_NOISE_SCHEDULER` describes (never shared between modules)."""
-    return DDPMScheduler(**DEFAULT_NOISE_SCHEDULER["init_args"])
-
-
-def schedule_from_betas(betas: torch.Tensor, prediction_type: str) -> DDPMScheduler:
-    """A DDPMScheduler over exactly these betas (whatever schedule produced them)."""
-    scheduler = DDPMScheduler(num_train_timesteps=len(betas), prediction_type=prediction_type, clip_sample=False)
-    scheduler.betas = betas.float().clone()
-    scheduler.alphas = 1.0 - scheduler.betas
-    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
-    return scheduler
+        return self.to_images(samples)
 
 
 def enable_activation_checkpointing(unet: DiffusionModelUNet) -> None:

@@ -26,7 +26,6 @@ from lightning_modules.advantages import ClassAdvantageNormaliser, clipped_surro
 from lightning_modules.diffusion import DiffusionModule
 from lightning_modules.sampling import (
     Trajectory,
-    ddim_from_training_schedule,
     ddim_step_mean,
     gaussian_log_prob,
     guided_prediction,
@@ -131,9 +130,11 @@ class PPOFinetuneModule(L.LightningModule):
         """Rollout → reward → advantages → clipped-PPO update; logs under ppo/."""
         times = {}
         start = time.perf_counter()
-        labels, trajectory, volumes = self.rollout()
+        labels, trajectory, samples = self.rollout()
         times["rollout"] = time.perf_counter() - start
         start = time.perf_counter()
+        volumes = self.policy.to_images(samples)  # a latent model's decoder runs here, part of the reward step
+        times["decode"] = time.perf_counter() - start
         with torch.no_grad():
             rewards, components = score_components(self.reward, volumes, labels)
         times["reward"] = time.perf_counter() - start
@@ -145,7 +146,11 @@ class PPOFinetuneModule(L.LightningModule):
         self._log_iteration(rewards, components, labels, advantages, stats, times, volumes)
 
     def rollout(self) -> tuple[torch.Tensor | None, Trajectory, torch.Tensor]:
-        """Sample `samples_per_iteration` trajectories with the current policy (no grad, eval mode)."""
+        """Sample `samples_per_iteration` trajectories with the current policy (no grad, eval mode).
+
+        Returns the labels, the trajectory (every x_t and log-probability, in latent space for a
+        latent model) and the final samples (latents or volumes; `policy.to_images` makes volumes).
+        """
         hp, policy = self.hparams, self.policy
         generator = torch.Generator(device=self.device).manual_seed(
             hash((hp.seed, int(self.iteration), self.global_rank)) % 2**62)
@@ -153,21 +158,19 @@ class PPOFinetuneModule(L.LightningModule):
         if policy.null_class is not None:
             probs = torch.tensor(hp.class_probs or [1.0] * policy.hparams.num_classes, device=self.device)
             labels = torch.multinomial(probs, hp.samples_per_iteration, replacement=True, generator=generator)
-        size, channels = policy.hparams.spatial_size, policy.hparams.in_channels
-        noise = torch.randn((hp.samples_per_iteration, channels, size, size, size), generator=generator,
-                            device=self.device)
+        noise = torch.randn((hp.samples_per_iteration, *policy.sample_shape), generator=generator, device=self.device)
         policy.unet.eval()
         volumes, trajectory = sample(policy.forward, self.scheduler, noise, labels, num_steps=hp.num_steps, eta=hp.eta,
                                      guidance_scale=hp.guidance_scale, null_class=policy.null_class,
                                      generator=generator, return_trajectory=True, reduction=hp.logprob_reduction)
         policy.unet.train()
-        return labels, trajectory, volumes.clamp(-1, 1)
+        return labels, trajectory, volumes
 
     @property
     def scheduler(self) -> DDIMScheduler:
         """The DDIM scheduler over the pretrained model's own noise schedule."""
         if not hasattr(self, "_scheduler"):
-            self._scheduler = ddim_from_training_schedule(self.policy.noise_scheduler)
+            self._scheduler = self.policy.ddim_scheduler()
         return self._scheduler
 
     def compute_advantages(self, rewards: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -72,3 +72,50 @@ def pretrained_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPathF
     path = tmp_path_factory.mktemp("pretrained") / "last.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+# A VQ-GAN small enough for 16³ (4× down to 4³, 4 latent channels).
+TINY_AUTOENCODER = dict(spatial_size=16, channels=(8, 8), num_res_channels=(8, 8), num_embeddings=32, embedding_dim=4,
+                        discriminator_channels=8, discriminator_layers=2, adversarial_start_step=1000)
+
+
+@pytest.fixture(scope="session")
+def autoencoder_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 16³ VQ-GAN after 3 epochs (reconstruction only), saved with its latent scale."""
+    import lightning as L
+
+    from datamodules import TemplateCohortDataModule
+    from lightning_modules.autoencoder import AutoencoderModule
+
+    torch.manual_seed(0)
+    model = AutoencoderModule(lr=3e-3, **TINY_AUTOENCODER)
+    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, batch_size=2)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, data)
+    path = tmp_path_factory.mktemp("autoencoder") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def latent_checkpoint(autoencoder_checkpoint: Path, cohort_cache: Path, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Path:
+    """A tiny class-conditional latent DiffusionModule (on the tiny VQ-GAN's 4×4³ latents) after a few steps."""
+    import lightning as L
+
+    from datamodules import TemplateCohortDataModule
+    from lightning_modules.diffusion import DiffusionModule
+
+    torch.manual_seed(0)
+    # two levels on the 4³ latent (a third would leave 1³, where GroupNorm has one value per channel)
+    model = DiffusionModule(in_channels=1, spatial_size=16, num_classes=2, preview_every_n_epochs=0, lr=1e-3,
+                            autoencoder_checkpoint=str(autoencoder_checkpoint),
+                            **{**TINY_MODEL, "channels": (8, 8), "attention_levels": (False, True)})
+    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, batch_size=2)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, data)
+    path = tmp_path_factory.mktemp("latent") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path
