@@ -32,30 +32,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from benchmarks.harness import PairResult, Table
 from benchmarks.settings import BenchConfig, Net
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
-Checkpointing = Literal["none", "blocks", "resnets"]
-VARIANTS: dict[Checkpointing, str] = {"blocks": "msrl's checkpointing (per down/middle/up block)",
-                                      "none": "without checkpointing",
-                                      "resnets": "per ResNet/attention block (finer, not in msrl)"}
-
-
-def checkpoint_each_resnet(unet: nn.Module) -> None:
-    """Recompute every ResNet and attention block of a MONAI UNet on its own in the backward pass."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for block in [*unet.down_blocks, *unet.up_blocks]:
-        for name in ("resnets", "attentions"):
-            layers = getattr(block, name, [])
-            for index, layer in enumerate(layers):
-                layers[index] = checkpoint_wrapper(layer)
-    for name in ("resnet_1", "attention", "resnet_2"):
-        setattr(unet.middle_block, name, checkpoint_wrapper(getattr(unet.middle_block, name)))
+Checkpointing = Literal["none", "blocks"]
+VARIANTS: dict[Checkpointing, str] = {"blocks": "msrl's checkpointing (each ResNet/attention block)",
+                                      "none": "without checkpointing"}
 
 
 def profiled_peak_bytes(step: Callable[[], None]) -> int:
@@ -101,8 +86,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     net = Net(**{key: tuple(v) if isinstance(v, list) else v for key, v in spec["net"].items()})
     device, precision, batch = spec["device"], spec["precision"], spec["batch"]
     module = diffusion_module(net, activation_checkpointing=spec["checkpointing"] == "blocks")
-    if spec["checkpointing"] == "resnets":
-        checkpoint_each_resnet(module.unet)
     module = module.to(device).train()
     optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
     side = net.spatial_size

@@ -84,7 +84,7 @@ class BenchConfig:
         ppo: the PPO iteration of the rollout, update and reward-share rows.
         memory: network of the activation-checkpointing memory pair; memory_batch its batch;
             memory_repeats fresh processes per variant; memory_variants the checkpointing variants
-            measured ("blocks" and "none" make the row; "resnets" is the finer alternative).
+            measured ("blocks": msrl's activation checkpointing, "none": without; both make the row).
         scaling_net: network of the scaling tables (same at every volume side).
         scaling_sizes: volume sides of the scaling-by-size table.
         scaling_steps: DDIM steps of the scaling-by-steps table (at the first side of
@@ -112,7 +112,7 @@ class BenchConfig:
     scaling_samples: int
     scaling_size_steps: int
     gpu_sizes: tuple[tuple[Net, int], ...] = field(default=())
-    memory_variants: tuple[str, ...] = ("blocks", "none", "resnets")
+    memory_variants: tuple[str, ...] = ("blocks", "none")
 
     def scaling_steps_size(self) -> int:
         """The volume side at which the scaling-by-steps table runs."""

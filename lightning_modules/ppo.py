@@ -129,21 +129,27 @@ class PPOFinetuneModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """Rollout → reward → advantages → clipped-PPO update; logs under ppo/."""
         times = {}
-        start = time.perf_counter()
+        start = self._clock()
         labels, trajectory, samples = self.rollout()
-        times["rollout"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["rollout"] = self._clock() - start
+        start = self._clock()
         volumes = self.policy.to_images(samples)  # a latent model's decoder runs here, part of the reward step
-        times["decode"] = time.perf_counter() - start
+        times["decode"] = self._clock() - start
         with torch.no_grad():
             rewards, components = score_components(self.reward, volumes, labels)
-        times["reward"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["reward"] = self._clock() - start
+        start = self._clock()
         advantages = self.compute_advantages(rewards, labels)
         stats = self.update(trajectory, labels, advantages)
-        times["update"] = time.perf_counter() - start
+        times["update"] = self._clock() - start
         self.iteration += 1
         self._log_iteration(rewards, components, labels, advantages, stats, times, volumes)
+
+    def _clock(self) -> float:
+        """Wall time after the GPU has finished its queued work (CUDA is asynchronous; ppo/time/* must not lie)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def rollout(self) -> tuple[torch.Tensor | None, Trajectory, torch.Tensor]:
         """Sample `samples_per_iteration` trajectories with the current policy (no grad, eval mode).
