@@ -7,7 +7,8 @@ import pytest
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules import VolumeDataModule
-from lightning_modules.cli import FinetuneCLI, MsrlCLI, RewardTrainingCLI
+from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.cli import AutoencoderCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
 from lightning_modules.critics import RewardNetworkModule
 from lightning_modules.diffusion import DiffusionModule
 from lightning_modules.ppo import PPOFinetuneModule
@@ -41,7 +42,7 @@ def _arguments_for(config: Path) -> list[str]:
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
         return ["-c", template, "--data", str(config)]
-    if kind in ("finetune", "rewards"):
+    if kind in ("finetune", "rewards", "autoencoder"):
         return []  # built by their own CLIs below
     raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
 
@@ -62,6 +63,13 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
                                 subclass_mode_data=True, run=False, auto_configure_optimizers=False,
                                 args=["-c", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path)])
         assert isinstance(cli.model, RewardNetworkModule) and cli.model.hparams.spatial_size == 32
+        return
+    if kind == "autoencoder":
+        cli = AutoencoderCLI(AutoencoderModule, VolumeDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                             run=False, auto_configure_optimizers=False,
+                             args=["-c", str(config), *ON_CPU, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        assert isinstance(cli.model, AutoencoderModule) and cli.trainer.gradient_clip_val is None
+        assert cli.model.hparams.spatial_size == cli.datamodule.spatial_size
         return
     cli = _instantiate(_arguments_for(config), tmp_path)
     assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, VolumeDataModule)

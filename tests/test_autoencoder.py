@@ -1,0 +1,198 @@
+"""Tests of the first stage: `AutoencoderModule` (VQ-GAN), `KLAutoencoderModule` and `msrl train-autoencoder`."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules import TemplateCohortDataModule
+from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.autoencoder_kl import KLAutoencoderModule
+from lightning_modules.cli import main
+from tests.conftest import REPO, cli_data_args
+
+TEMPLATE = str(REPO / "configs/autoencoder/template.yaml")
+# Tiny networks for 16³ volumes (MONAI's own tests use 8 channels): a 4³×4 latent, 32 codes.
+TINY = dict(spatial_size=16, channels=(8, 8), num_res_channels=(8, 8), num_embeddings=32, embedding_dim=4,
+            discriminator_channels=8, discriminator_layers=2)
+TINY_KL = dict(spatial_size=16, channels=(8, 8, 8), norm_num_groups=4, latent_channels=4, discriminator_channels=8,
+               discriminator_layers=2)
+TINY_ARGS = ["--model.init_args.channels", "[8,8]", "--model.init_args.num_res_channels", "[8,8]",
+             "--model.init_args.num_embeddings", "32", "--model.init_args.embedding_dim", "4",
+             "--model.init_args.discriminator_channels", "8", "--model.init_args.discriminator_layers", "2",
+             "--model.init_args.train_crop_size", "null"]
+
+
+def _data(cache: Path) -> TemplateCohortDataModule:
+    """The session's 8-subject 16³ cohort: 6 training and 2 validation volumes."""
+    return TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cache, batch_size=2, val_fraction=0.25,
+                                    test_fraction=0.0)
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    settings = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**settings, **kwargs})
+
+
+def _val_l1(model: AutoencoderModule, data: TemplateCohortDataModule) -> float:
+    data.setup("fit")
+    with torch.no_grad():
+        errors = [(model.reconstruct(b["image"]) - b["image"]).abs().mean() for b in data.val_dataloader()]
+    return float(torch.stack(errors).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(cohort_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[AutoencoderModule, Path]:
+    """A tiny VQ-GAN after one epoch at lr 0 (weights fixed, so its latents are known), saved by the trainer."""
+    torch.manual_seed(0)
+    model = AutoencoderModule(**TINY, lr=0.0, adversarial_start_step=1)
+    trainer = _trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, _data(cohort_cache))
+    path = tmp_path_factory.mktemp("ae") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return model, path
+
+
+def test_encode_decode_shapes_and_stored_scale_factor(trained: tuple[AutoencoderModule, Path],
+                                                      cohort_cache: Path) -> None:
+    model, path = trained
+    images = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    latents = model.encode_latent(images)
+    assert latents.shape == (2, 4, 4, 4, 4) and model.latent_shape == (4, 4, 4, 4)
+    decoded = model.decode_latent(latents)
+    assert decoded.shape == images.shape and decoded.min() >= -1 and decoded.max() <= 1
+    assert model.reconstruct(images).shape == images.shape
+    # lr = 0: the encoder never moved, so the scale is exactly 1/std of the training split's latents.
+    data = _data(cohort_cache)
+    data.setup("fit")
+    with torch.no_grad():
+        all_latents = torch.cat([model.encode_latent(b["image"]) for b in data.train_dataloader()])
+    expected = 1 / all_latents.double().std().item()
+    checkpoint = torch.load(path, weights_only=True)
+    spec = checkpoint["msrl_autoencoder"]
+    assert spec["class_path"] == "lightning_modules.autoencoder.AutoencoderModule"
+    assert spec["latent_shape"] == [4, 4, 4, 4] and spec["hparams"]["num_embeddings"] == 32
+    assert spec["scale_factor"] == pytest.approx(expected, rel=1e-4) and model.scale_factor == spec["scale_factor"]
+    assert float(checkpoint["state_dict"]["latent_scale"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_from_msrl_checkpoint_round_trip(trained: tuple[AutoencoderModule, Path]) -> None:
+    model, path = trained
+    loaded = AutoencoderModule.from_msrl_checkpoint(path)
+    assert type(loaded) is AutoencoderModule and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.scale_factor == model.scale_factor and loaded.latent_shape == model.latent_shape
+    images = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.reconstruct(images), model.eval().reconstruct(images))
+
+
+def test_from_msrl_checkpoint_errors_name_the_file(trained: tuple[AutoencoderModule, Path], tmp_path: Path,
+                                                   pretrained_checkpoint: Path) -> None:
+    _, path = trained
+    with pytest.raises(ValueError, match="missing.ckpt does not exist"):
+        AutoencoderModule.from_msrl_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match=f"{pretrained_checkpoint}.*not an msrl autoencoder checkpoint"):
+        AutoencoderModule.from_msrl_checkpoint(pretrained_checkpoint)  # a diffusion checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["msrl_autoencoder"]["class_path"] = "lightning_modules.diffusion.DiffusionModule"
+    torch.save(checkpoint, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="DiffusionModule.*not a AutoencoderModule"):
+        AutoencoderModule.from_msrl_checkpoint(tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="not a KLAutoencoderModule"):
+        KLAutoencoderModule.from_msrl_checkpoint(path)  # a VQ checkpoint is no KL autoencoder
+
+
+def test_training_lowers_validation_l1(cohort_cache: Path) -> None:
+    torch.manual_seed(0)
+    data = _data(cohort_cache)
+    model = AutoencoderModule(**TINY, lr=3e-3, betas=(0.9, 0.999), adversarial_start_step=250, dead_code_interval=10,
+                              train_crop_size=12)
+    untrained = _val_l1(model, data)
+    # 300 steps on 12³ crops, the last 50 adversarial (global_step counts both optimisers' steps then).
+    _trainer(max_steps=250 + 2 * 50, limit_val_batches=0).fit(model, data)
+    trained = _val_l1(model.eval(), data)
+    assert int(model.training_steps) == 300
+    assert trained < 0.5 * untrained, (untrained, trained)
+
+
+def _codebook_usage_after_collapse(cohort_cache: Path, dead_code_restart: bool) -> float:
+    torch.manual_seed(0)
+    model = AutoencoderModule(**TINY, lr=1e-3, adversarial_start_step=10 ** 6, dead_code_restart=dead_code_restart,
+                              dead_code_interval=5)
+    quantizer = model.network.quantizer.quantizer
+    with torch.no_grad():  # every code far from the encoder's outputs: the nearest one takes all, the rest die
+        quantizer.embedding.weight += 20.0
+        quantizer.ema_w.copy_(quantizer.embedding.weight)
+    trainer = _trainer(max_steps=30)
+    trainer.fit(model, _data(cohort_cache))
+    return float(trainer.callback_metrics["ae/codebook_usage"])
+
+
+def test_dead_code_restart_raises_codebook_usage(cohort_cache: Path) -> None:
+    collapsed = _codebook_usage_after_collapse(cohort_cache, dead_code_restart=False)
+    restarted = _codebook_usage_after_collapse(cohort_cache, dead_code_restart=True)
+    assert collapsed <= 2 / 32, collapsed
+    assert restarted >= 4 * collapsed and restarted >= 0.2, (collapsed, restarted)
+
+
+def test_kl_variant_and_every_option_train_in_bf16(cohort_cache: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "medicalnet.pth"  # MedicalNet's layout: a "state_dict" of DataParallel "module." keys
+    from monai.networks.nets.resnet import ResNetFeatures
+
+    network = ResNetFeatures("resnet10", pretrained=False)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, weights)
+    model = KLAutoencoderModule(**TINY_KL, adversarial_start_step=0, adversarial_criterion="hinge",
+                                slice_discriminator=True, slices_per_plane=2, perceptual_weights_path=str(weights),
+                                train_crop_size=12)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed")
+    trainer.fit(model, _data(cohort_cache))
+    metrics = trainer.callback_metrics
+    for key in ("train/l1", "train/kl", "train/perceptual", "train/discriminator_loss", "val/l1", "val/ssim"):
+        assert torch.isfinite(metrics[key]), key
+    trainer.save_checkpoint(tmp_path / "kl.ckpt")
+    checkpoint = torch.load(tmp_path / "kl.ckpt", weights_only=True)
+    assert not any("perceptual" in key for key in checkpoint["state_dict"])  # the loss network stays out
+    weights.unlink()  # and is not needed to load the autoencoder
+    loaded = AutoencoderModule.from_msrl_checkpoint(tmp_path / "kl.ckpt")
+    assert type(loaded) is KLAutoencoderModule and loaded.latent_shape == (4, 4, 4, 4)
+    assert loaded.decode_latent(loaded.encode_latent(torch.zeros(1, 1, 16, 16, 16))).shape == (1, 1, 16, 16, 16)
+
+
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="perceptual_weights_path .*nothing.pth does not exist"):
+        AutoencoderModule(**TINY, perceptual_weights_path=str(tmp_path / "nothing.pth"))
+    with pytest.raises(ValueError, match="one entry per stride-2 level"):
+        AutoencoderModule(**{**TINY, "channels": (8, 8, 8)})
+    with pytest.raises(ValueError, match="train_crop_size=6"):
+        AutoencoderModule(**TINY, train_crop_size=6)
+
+
+def test_cli_trains_logs_and_keeps_the_best_val_l1(cohort_cache: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="trainer.gradient_clip_val=0.5 is ignored"):
+        main(["train-autoencoder", "-c", TEMPLATE, *cli_data_args(cohort_cache), *TINY_ARGS,
+              "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps",
+              "1", "--trainer.enable_progress_bar", "false", "--trainer.gradient_clip_val", "0.5",
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    run = tmp_path / "autoencoder" / "version_0"
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(best[0], weights_only=True)["callbacks"]  # ModelCheckpoint state, monitor below
+    assert "monitor: val/l1" in (run / "config.yaml").read_text()
+    events = EventAccumulator(str(run)).Reload()
+    assert {"val/l1", "val/psnr", "val/ssim", "ae/codebook_usage", "ae/codebook_perplexity",
+            "train/l1"} <= set(events.Tags()["scalars"])
+    assert "val/reconstructions" in events.Tags()["images"]
+    assert AutoencoderModule.from_msrl_checkpoint(best[0]).latent_shape == (4, 4, 4, 4)
+
+
+def test_print_config(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train-autoencoder", "-c", TEMPLATE, "--print_config"])
+    printed = capsys.readouterr().out
+    assert "lightning_modules.autoencoder.AutoencoderModule" in printed and "num_embeddings: 256" in printed
+    assert "TemplateCohortDataModule" in printed and "monitor: val/l1" in printed
