@@ -126,9 +126,9 @@ class DiffusionModule(L.LightningModule):
         size = self.hparams.spatial_size
         return (self.hparams.in_channels, size, size, size)
 
-    def to_diffusion_space(self, images: torch.Tensor) -> torch.Tensor:
-        """Volumes [B, C, S, S, S] → what the UNet denoises (scaled latents, or the volumes)."""
-        return images if self.latent is None else self.latent.encode(images)
+    def to_diffusion_space(self, images: torch.Tensor, subject_ids: list[str] | None = None) -> torch.Tensor:
+        """Volumes [B, C, S, S, S] → what the UNet denoises (scaled latents, cached per subject, or the volumes)."""
+        return images if self.latent is None else self.latent.encode_cached(images, subject_ids)
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Final samples → volumes [B, C, S, S, S] in [-1, 1] (decoded by the frozen autoencoder if latent)."""
@@ -172,8 +172,8 @@ class DiffusionModule(L.LightningModule):
         A non-finite loss on any rank skips the step on every rank (returning None everywhere, so
         DDP's collectives stay matched), is counted, and after `max_nonfinite_steps` in a row stops.
         """
-        loss = self.diffusion_loss(self.to_diffusion_space(batch["image"]), batch["label"],
-                                   label_dropout=self.hparams.cfg_dropout)
+        latents = self.to_diffusion_space(batch["image"], batch.get("subject_id"))
+        loss = self.diffusion_loss(latents, batch["label"], label_dropout=self.hparams.cfg_dropout)
         bad = self.trainer.strategy.reduce(torch.tensor(float(not torch.isfinite(loss)), device=self.device),
                                            reduce_op="sum")
         if bad > 0:
@@ -193,7 +193,8 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """val/loss with noise and timesteps fixed by (seed, batch), comparable across epochs."""
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 7919 + batch_idx)
-        loss = self.diffusion_loss(self.to_diffusion_space(batch["image"]), batch["label"], generator=generator)
+        latents = self.to_diffusion_space(batch["image"], batch.get("subject_id"))
+        loss = self.diffusion_loss(latents, batch["label"], generator=generator)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -48,6 +48,7 @@ class LatentSpace:
         if expected_sha256 is not None:
             self.check_sha256(expected_sha256)
         self.autoencoder = AutoencoderModule.from_msrl_checkpoint(path)
+        self._cache: dict[str, torch.Tensor] = {}
         self.scale_factor = self.autoencoder.scale_factor
         self.shape = tuple(self.autoencoder.latent_shape)
 
@@ -84,6 +85,22 @@ class LatentSpace:
         """Scaled latents [B, C_lat, s, s, s] of images [B, C, S, S, S] in [-1, 1]."""
         self.to(images.device)
         return self.autoencoder.encode_latent(images) * self.scale_factor
+
+    @torch.no_grad()
+    def encode_cached(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
+        """`encode`, reusing the latents of volumes seen before (keyed by subject id).
+
+        The encoder is deterministic and frozen, so a subject's latent never changes: training
+        encodes each volume once instead of once per epoch (at 64³ the encoder costs more than
+        the latent UNet's step). Without keys (or with augmented volumes) use `encode`.
+        """
+        if keys is None:
+            return self.encode(images)
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            for index, latent in zip(missing, self.encode(images[missing]), strict=True):
+                self._cache[keys[index]] = latent
+        return torch.stack([self._cache[key].to(images.device) for key in keys])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,16 @@ def test_latent_ppo_runs_an_iteration_through_the_cli(latent_checkpoint: Path, t
     assert (run / "checkpoints" / "last.ckpt").is_file()
     finetuned = DiffusionModule.from_msrl_checkpoint(run / "checkpoints" / "last.ckpt")
     assert finetuned.latent is not None and finetuned.generate(1, num_steps=2).shape == (1, 1, 16, 16, 16)
+
+
+def test_training_latents_are_encoded_once_per_subject(latent_checkpoint: Path) -> None:
+    model = DiffusionModule.from_msrl_checkpoint(latent_checkpoint)
+    calls = []
+    encode = model.latent.autoencoder.encode_latent
+    model.latent.autoencoder.encode_latent = lambda images: calls.append(len(images)) or encode(images)
+    images = torch.rand(3, 1, 16, 16, 16) * 2 - 1
+    first = model.to_diffusion_space(images, ["a", "b", "c"])
+    again = model.to_diffusion_space(images[[2, 0]], ["c", "a"])
+    assert calls == [3]  # the second batch came from the cache
+    assert torch.equal(again, first[[2, 0]])
+    assert torch.allclose(first, model.latent.encode(images), atol=1e-6)
