@@ -62,9 +62,15 @@ def untrained_reward(workdir: Path, net: Net, config: Path = MULTISCALE_CONFIG) 
     return _class(spec["class_path"])(components=components, **others)
 
 
-def ppo_module(size: PPOSize, workdir: Path, config: BenchConfig) -> PPOFinetuneModule:
-    """A `PPOFinetuneModule` of this size (η = 1, one iteration per fit) on a fresh pretrained model."""
-    pretrained = diffusion_module(size.net)
+def ppo_module(size: PPOSize, workdir: Path, config: BenchConfig,
+               autoencoder_checkpoint: Path | None = None) -> PPOFinetuneModule:
+    """A `PPOFinetuneModule` of this size (η = 1, one iteration per fit) on a fresh pretrained model.
+
+    With `autoencoder_checkpoint` the pretrained model is a latent one: the policy rolls out in that
+    autoencoder's latent space and the reward scores the decoded volumes (`size.net.spatial_size`).
+    """
+    latent = {} if autoencoder_checkpoint is None else {"autoencoder_checkpoint": str(autoencoder_checkpoint)}
+    pretrained = diffusion_module(size.net, **latent)
     checkpoint = workdir / "pretrained.ckpt"
     torch.save({"msrl_diffusion": pretrained.diffusion_spec(), "state_dict": pretrained.state_dict()}, checkpoint)
     module = PPOFinetuneModule(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
@@ -100,7 +106,8 @@ def update_passes(size: PPOSize) -> int:
 
 def ppo_iteration(module: PPOFinetuneModule, config: BenchConfig) -> dict[str, float]:
     """One PPO iteration through a fresh Trainer: its phases' seconds (as the module logs them
-    under ppo/time/*), the whole iteration's seconds, and the UNet passes with gradients."""
+    under ppo/time/*: rollout, decode, reward (decode included), update), the whole iteration's
+    seconds, and the UNet passes with gradients."""
     stamps = BatchStamps(synchroniser(config.device))
     passes: list[int] = []
     hook = module.policy.unet.register_forward_hook(
@@ -110,7 +117,8 @@ def ppo_iteration(module: PPOFinetuneModule, config: BenchConfig) -> dict[str, f
         trainer.fit(module)
     finally:
         hook.remove()
-    metrics = {key: float(trainer.callback_metrics[f"ppo/time/{key}"]) for key in ("rollout", "reward", "update")}
+    metrics = {key: float(trainer.callback_metrics[f"ppo/time/{key}"])
+               for key in ("rollout", "decode", "reward", "update")}
     return {**metrics, "iteration": stamps.seconds_from(0), "passes": float(len(passes))}
 
 

@@ -2,16 +2,12 @@
 
 A section is a function `(config, report) -> None` that measures something and adds rows
 (`report.add_pair`) or tables (`report.tables[...]`). To add a row, write a section that builds
-two zero-argument callables and hands them to `compare`, then append it to `SECTIONS`. The
-planned `latent_rollout_ratio` row, for instance, once the autoencoder exists:
+two zero-argument callables and hands them to `compare`, then append it to `SECTIONS`, as
+`latent` does for `latent_rollout_ratio`:
 
-    def latent_rollout(config: BenchConfig, report: Report) -> None:
-        # A: rollout in the autoencoder's latent space at 64³, decoding included; B: voxel rollout at 64³
-        report.add_pair(compare("latent_rollout_ratio", latent_rollout_and_decode, voxel_rollout, goal=...,
-                                repeats=config.repeats, a_label="latent rollout + decode",
-                                b_label="voxel rollout", sync=synchroniser(config.device)))
-
-    SECTIONS.append(("latent_rollout", latent_rollout))
+    report.add_pair(compare("latent_rollout_ratio", rollout_to_volumes(latent, config),
+                            rollout_to_volumes(voxel, config), goal=0.10, repeats=..., a_label=..., b_label=...,
+                            sync=synchroniser(config.device)))
 """
 
 from __future__ import annotations
@@ -34,9 +30,11 @@ from benchmarks.finetuning import (
 )
 from benchmarks.gpu import gpu_section
 from benchmarks.harness import PairResult, Report, Table, compare, medians
+from benchmarks.latent import PHASES as LATENT_PHASES
+from benchmarks.latent import latent_split, rollout_to_volumes, untrained_autoencoder
 from benchmarks.memory import checkpointing_memory
 from benchmarks.pretraining import HandWrittenTraining, diffusion_module, lightning_steps, synchroniser
-from benchmarks.settings import BenchConfig, PPOSize
+from benchmarks.settings import BenchConfig, LatentBench, PPOSize
 from lightning_modules.ppo import PPOFinetuneModule
 
 log = logging.getLogger(__name__)
@@ -109,6 +107,53 @@ def split_table(title: str, runs: list[tuple[PPOSize, dict[str, float]]]) -> Tab
                          "iteration s", "rollout", "reward", "update"], rows)
 
 
+def latent(config: BenchConfig, report: Report) -> None:
+    """`latent_rollout_ratio` and the split of one latent PPO iteration into rollout / decode / reward / update."""
+    with tempfile.TemporaryDirectory() as workdir:
+        autoencoder = untrained_autoencoder(config.latent.autoencoder, Path(workdir))
+        latent_rollout_row(config, report, autoencoder, Path(workdir))
+        latent_split_table(config, report, autoencoder, Path(workdir))
+
+
+def _fresh(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
+
+
+def latent_rollout_row(config: BenchConfig, report: Report, autoencoder: Path, workdir: Path) -> None:
+    """`latent_rollout_ratio`: rollout in the latent space plus the decoder, over the voxel-space rollout."""
+    bench = config.latent
+    latent_policy = ppo_module(bench.rollout, _fresh(workdir / "latent_rollout"), config, autoencoder)
+    voxel_policy = ppo_module(bench.voxel_rollout(), _fresh(workdir / "voxel_rollout"), config)
+    report.add_pair(compare(
+        "latent_rollout_ratio", rollout_to_volumes(latent_policy, config), rollout_to_volumes(voxel_policy, config),
+        goal=0.10, repeats=bench.rollout_repeats, a_label=f"latent rollout + decode, {_latent_label(bench)}",
+        b_label=f"voxel rollout, {bench.voxel_net.label()}", sync=synchroniser(config.device)))
+
+
+def _latent_label(bench: LatentBench) -> str:
+    """E.g. `64³ via 8×16³ (32,64,64)`: volume side, latent, latent UNet channels."""
+    net = bench.rollout.net
+    return f"{net.spatial_size}³ via {bench.autoencoder.latent_label()} ({','.join(map(str, net.channels))})"
+
+
+def latent_split_table(config: BenchConfig, report: Report, autoencoder: Path, workdir: Path) -> None:
+    """One latent PPO iteration's seconds per phase, medians of `config.repeats` after a warm-up."""
+    bench, size = config.latent, config.latent.iteration
+    module = ppo_module(size, _fresh(workdir / "latent_iteration"), config, autoencoder)
+    ppo_iteration(module, config)  # warm-up
+    timed = [latent_split(ppo_iteration(module, config)) for _ in range(config.repeats)]
+    t = medians(timed, (*LATENT_PHASES, "iteration"))
+    other = t["iteration"] - sum(t[p] for p in LATENT_PHASES)
+    row = [_latent_label(bench), size.num_steps, update_passes(size), *(t[p] for p in LATENT_PHASES), other,
+           t["iteration"], *(f"{100 * t[p] / t['iteration']:.1f}%" for p in LATENT_PHASES)]
+    title = (f"One latent PPO iteration ({size.samples} samples, {size.num_steps} DDIM steps; reward = decode + "
+             f"scoring), medians of {len(timed)} iterations")
+    report.tables["latent_split"] = Table(
+        title, ["size", "DDIM steps", "trained passes", "rollout s", "decode s", "scoring s", "update s", "other s",
+                "iteration s", "rollout", "decode", "scoring", "update"], [row])
+
+
 def scaling(config: BenchConfig, report: Report) -> None:
     """How one PPO iteration grows with the volume side and with the number of DDIM steps."""
     measured: dict[tuple[int, int], tuple[PPOSize, dict[str, float]]] = {}
@@ -144,6 +189,7 @@ def memory(config: BenchConfig, report: Report) -> None:
 SECTIONS: list[tuple[str, Section]] = [
     ("pretrain", pretrain_step),
     ("ppo", ppo),
+    ("latent", latent),
     ("memory", memory),
     ("scaling", scaling),
     ("gpu", gpu_section),

@@ -7,7 +7,7 @@ Every preset is a frozen `BenchConfig`; `dataclasses.replace` derives variants (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Device = Literal["cpu", "cuda"]
@@ -70,6 +70,64 @@ class PPOSize:
 
 
 @dataclass(frozen=True)
+class Autoencoder:
+    """A VQ-GAN first stage (`lightning_modules.autoencoder.AutoencoderModule`) of the latent rows.
+
+    Attributes:
+        spatial_size: side S of the [B, 1, S, S, S] volumes it encodes.
+        channels: channels of each stride-2 level.
+        num_res_channels: channels inside the residual layers, per level.
+        downsample_levels: stride-2 levels (the latent side is S / 2^levels).
+        embedding_dim: latent channels.
+        num_embeddings: codebook size.
+        discriminator_channels: channels of the first PatchGAN layer (built, never run here).
+        discriminator_layers: strided PatchGAN layers (3·2^layers must not exceed S).
+    """
+
+    spatial_size: int
+    channels: tuple[int, ...]
+    num_res_channels: tuple[int, ...]
+    downsample_levels: int
+    embedding_dim: int
+    num_embeddings: int
+    discriminator_channels: int = 8
+    discriminator_layers: int = 3
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `AutoencoderModule`."""
+        return asdict(self)
+
+    def latent_label(self) -> str:
+        """The latent of one volume, e.g. `8×16³`."""
+        return f"{self.embedding_dim}×{self.spatial_size // 2 ** self.downsample_levels}³"
+
+
+@dataclass(frozen=True)
+class LatentBench:
+    """The latent rows: `latent_rollout_ratio` and the split of one latent PPO iteration.
+
+    Attributes:
+        autoencoder: the first stage (untrained: weights do not change what a pass costs).
+        rollout: A of the ratio: the latent UNet (its `spatial_size` is the volume side, as for
+            `DiffusionModule`, whose UNet then runs on the latent), volumes per rollout and DDIM steps.
+        voxel_net: B of the ratio: the voxel-space UNet at the same volume side; B rolls out as many
+            volumes with as many DDIM steps as A.
+        rollout_repeats: timed pairs of the ratio (a voxel rollout at 64³ takes tens of seconds on 2 cores).
+        iteration: the latent PPO iteration whose time is split into rollout / decode / reward / update.
+    """
+
+    autoencoder: Autoencoder
+    rollout: PPOSize
+    voxel_net: Net
+    rollout_repeats: int
+    iteration: PPOSize
+
+    def voxel_rollout(self) -> PPOSize:
+        """B's size: A's volumes, DDIM steps and PPO settings with the voxel-space UNet."""
+        return replace(self.rollout, net=self.voxel_net)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """Everything one run of the benchmarks needs.
 
@@ -91,6 +149,7 @@ class BenchConfig:
             `scaling_sizes` that is ≥ 32, else the last).
         scaling_samples: rollout volumes per iteration in the scaling tables.
         scaling_size_steps: DDIM steps of the scaling-by-size table.
+        latent: the latent-diffusion rows (`latent_rollout_ratio`, the latent PPO split).
         gpu_sizes: (network, batch) pairs of the GPU throughput table (GPU preset only).
     """
 
@@ -111,6 +170,7 @@ class BenchConfig:
     scaling_steps: tuple[int, ...]
     scaling_samples: int
     scaling_size_steps: int
+    latent: LatentBench
     gpu_sizes: tuple[tuple[Net, int], ...] = field(default=())
     memory_variants: tuple[str, ...] = ("blocks", "none")
 
@@ -124,6 +184,12 @@ _REFERENCE_32 = Net(32, (32, 64, 64), norm_num_groups=16, num_head_channels=16)
 # The demo's network (configs/pretrain/template.yaml), which the demo fine-tunes with PPO.
 _TEMPLATE_32 = Net(32, (16, 32, 32))
 _TINY_16 = Net(16, (8, 8, 8))
+_TINY_LATENT = Net(16, (8, 8), attention_levels=(False, True))
+# The demo's first stage (configs/autoencoder/template.yaml): 64³ volumes → 8×16³ latents.
+_TEMPLATE_AUTOENCODER = Autoencoder(64, channels=(16, 32), num_res_channels=(16, 32), downsample_levels=2,
+                                    embedding_dim=8, num_embeddings=256)
+# The demo's latent UNet (configs/pretrain/template_latent.yaml) on those latents; attention at 4³.
+_TEMPLATE_LATENT_64 = Net(64, (32, 64, 64), norm_num_groups=16, num_head_channels=16)
 
 CPU = BenchConfig(
     name="cpu", device="cpu", precision="32-true", threads=1, repeats=5,
@@ -132,6 +198,13 @@ CPU = BenchConfig(
     memory=_REFERENCE_32, memory_batch=2, memory_repeats=1,
     scaling_net=Net(16, (8, 16, 16)), scaling_sizes=(16, 32, 64), scaling_steps=(4, 8, 16), scaling_samples=1,
     scaling_size_steps=4,
+    # B is a voxel rollout at 64³ with the latent UNet's channels: ~5.5 s per UNet pass on one core,
+    # hence one volume, 4 DDIM steps and 3 timed pairs. The split uses the `ppo` row's settings.
+    latent=LatentBench(
+        _TEMPLATE_AUTOENCODER,
+        rollout=PPOSize(_TEMPLATE_LATENT_64, samples=1, num_steps=4, timestep_fraction=0.3, micro_batch_size=1),
+        voxel_net=_TEMPLATE_LATENT_64, rollout_repeats=3,
+        iteration=PPOSize(_TEMPLATE_LATENT_64, samples=2, num_steps=10, timestep_fraction=0.3, micro_batch_size=2)),
 )
 
 # 64³ and 128³ on one GPU: four levels, so attention runs at 8³/16³ tokens, not at 16³/32³.
@@ -143,7 +216,13 @@ GPU = BenchConfig(
     ppo=PPOSize(_GPU_64, samples=8, num_steps=20, timestep_fraction=0.5, micro_batch_size=4),
     memory=_GPU_64.at(128), memory_batch=1, memory_repeats=1,
     scaling_net=_GPU_64, scaling_sizes=(32, 64, 128), scaling_steps=(10, 20, 50), scaling_samples=2,
-    scaling_size_steps=10, gpu_sizes=((_GPU_64, 4), (_GPU_64.at(128), 1)),
+    scaling_size_steps=10,
+    latent=LatentBench(
+        replace(_TEMPLATE_AUTOENCODER, spatial_size=128),  # 128³ → 8×32³
+        rollout=PPOSize(_GPU_64.at(128), samples=2, num_steps=4, timestep_fraction=0.5, micro_batch_size=2),
+        voxel_net=_GPU_64.at(128), rollout_repeats=5,
+        iteration=PPOSize(_GPU_64.at(128), samples=8, num_steps=20, timestep_fraction=0.5, micro_batch_size=4)),
+    gpu_sizes=((_GPU_64, 4), (_GPU_64.at(128), 1)),
 )
 
 TINY = BenchConfig(
@@ -152,6 +231,13 @@ TINY = BenchConfig(
     ppo=PPOSize(_TINY_16, samples=2, num_steps=3, timestep_fraction=0.5, micro_batch_size=2),
     memory=_TINY_16, memory_batch=1, memory_repeats=1,
     scaling_net=_TINY_16, scaling_sizes=(16,), scaling_steps=(2,), scaling_samples=1, scaling_size_steps=2,
+    # tests/conftest.py's tiny VQ-GAN (16³ → 4×4³) and a two-level latent UNet (a third level would be 1³)
+    latent=LatentBench(
+        Autoencoder(16, channels=(8, 8), num_res_channels=(8, 8), downsample_levels=2, embedding_dim=4,
+                    num_embeddings=32, discriminator_layers=2),
+        rollout=PPOSize(_TINY_LATENT, samples=1, num_steps=2, timestep_fraction=0.5, micro_batch_size=1),
+        voxel_net=_TINY_16, rollout_repeats=1,
+        iteration=PPOSize(_TINY_LATENT, samples=2, num_steps=3, timestep_fraction=0.5, micro_batch_size=2)),
     memory_variants=("blocks", "none"),
 )
 

@@ -14,7 +14,8 @@ from benchmarks.harness import PairResult, compare, update_markdown_block
 from benchmarks.run import main
 from benchmarks.settings import TINY
 
-KEYS = ("pretrain_step_ratio", "rollout_ratio", "ppo_update_ratio", "reward_share", "ckpt_memory_ratio")
+KEYS = ("pretrain_step_ratio", "rollout_ratio", "ppo_update_ratio", "reward_share", "ckpt_memory_ratio",
+        "latent_rollout_ratio")
 
 
 def _positive_finite(value: object) -> bool:
@@ -36,11 +37,15 @@ def test_tiny_run_writes_every_row_with_positive_finite_numbers(tiny_results: di
         for field in ("value", "ratio_min", "ratio_max", "a_median", "b_median", "goal"):
             assert _positive_finite(row[field]), (key, field, row[field])
         assert all(_positive_finite(v) for v in row["a"] + row["b"]), key
-        assert len(row["a"]) == len(row["b"]) == TINY.repeats
-    for table in ("ppo_split", "scaling_size", "scaling_steps", "memory"):
+        repeats = TINY.latent.rollout_repeats if key == "latent_rollout_ratio" else TINY.repeats
+        assert len(row["a"]) == len(row["b"]) == repeats
+    for table in ("ppo_split", "latent_split", "scaling_size", "scaling_steps", "memory"):
         assert tiny_results["tables"][table]["rows"], table
     split = tiny_results["tables"]["ppo_split"]["rows"][0]
     assert all(_positive_finite(v) for v in split[3:8]), split  # rollout, reward, update, other, iteration
+    latent = tiny_results["tables"]["latent_split"]["rows"][0]
+    assert all(_positive_finite(v) for v in latent[3:9]), latent  # rollout, decode, scoring, update, other, iteration
+    assert latent[1] == TINY.latent.iteration.num_steps
     assert tiny_results["meta"]["device"] == "cpu"
 
 
