@@ -44,6 +44,8 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(VolumeDataModule, "data", help="the real data: a data YAML (--data-config) or class")
     parser.add_argument("--checkpoint", type=list[str], default=[], help="msrl checkpoints to sample (repeatable)")
     parser.add_argument("--generated", type=list[str], default=[], help="folders written by msrl sample (repeatable)")
+    parser.add_argument("--autoencoder", type=list[str], default=[],
+                        help="first-stage checkpoints: their reconstructions of the real volumes (the FID floor)")
     parser.add_argument("--names", type=list[str] | None, default=None, help="a name per source (default: from path)")
     parser.add_argument("--num-samples", "--num_samples", type=int, default=16, help="volumes drawn per checkpoint")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps when sampling")
@@ -75,12 +77,12 @@ def source_name(path: str) -> str:
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
-    """`--data-config` is `--data`; a repeated `--checkpoint X` / `--generated X` appends (jsonargparse's `+`)."""
+    """`--data-config` is `--data`; a repeated `--checkpoint X` (or --generated, --autoencoder) appends."""
     out = []
     for arg in argv:
         arg = arg.replace("--data-config", "--data").replace("--data_config", "--data")
         flag, _, value = arg.partition("=")
-        if flag in ("--checkpoint", "--generated"):
+        if flag in ("--checkpoint", "--generated", "--autoencoder"):
             out += [f"{flag}+", value] if value else [f"{flag}+"]
         else:
             out.append(arg)
@@ -104,9 +106,10 @@ def main(argv: list[str]) -> None:
     built = parser.instantiate_classes(config)
     if config.real_split not in REAL_SPLITS:
         raise ValueError(f"--real-split must be one of {REAL_SPLITS}, got {config.real_split!r}")
-    if not config.checkpoint and not config.generated:
-        raise ValueError("nothing to evaluate: give --checkpoint and/or --generated")
-    sources = [("checkpoint", p) for p in config.checkpoint] + [("generated", p) for p in config.generated]
+    sources = [("checkpoint", p) for p in config.checkpoint] + [("generated", p) for p in config.generated] \
+        + [("autoencoder", p) for p in config.autoencoder]
+    if not sources:
+        raise ValueError("nothing to evaluate: give --checkpoint, --generated and/or --autoencoder")
     names = config.names or [source_name(path) for _, path in sources]
     if len(names) != len(sources) or len(set(names)) != len(names):
         raise ValueError(f"need one distinct name per source ({len(sources)}), got {names}: pass --names")
@@ -148,11 +151,11 @@ def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModul
             result["real"]["records"] += utility_records(protocol, train, test, data.num_classes, "real")
         _write_reference(reference, staging / "real")
         for name, (kind, path) in sources.items():
-            generated, entry = _load_source(config, kind, path, device, data)
+            generated, entry = _load_source(config, kind, path, device, data, reference)
             print(f"msrl evaluate: {name}: {len(generated.labels)} volumes, computing metrics", flush=True)
             records = distribution_records(cache, generated, config.bootstrap, config.kid_subsets, config.seed)
             records += diversity_records(generated.volumes, config.ms_ssim_pairs, config.seed)
-            if not config.skip_utility:
+            if not config.skip_utility and kind != "autoencoder":  # reconstructions of test volumes would leak
                 records += utility_records(protocol, generated, test, data.num_classes, "synthetic")
                 records += utility_records(protocol, train + generated, test, data.num_classes, "real+synthetic")
             result["entries"].append({"name": name, **entry, "num_samples": len(generated.labels),
@@ -172,10 +175,19 @@ def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModul
     return result
 
 
-def _load_source(config: Namespace, kind: str, path: str, device: torch.device,
-                 data: VolumeDataModule) -> tuple[LabelledVolumes, dict[str, Any]]:
+def _load_source(config: Namespace, kind: str, path: str, device: torch.device, data: VolumeDataModule,
+                 reference: LabelledVolumes) -> tuple[LabelledVolumes, dict[str, Any]]:
     """Generated volumes of one source, and what metrics.json says about where they came from."""
-    if kind == "generated":
+    if kind == "autoencoder":
+        from lightning_modules.latent import LatentSpace
+
+        first_stage = LatentSpace(path).to(device)
+        volumes = torch.cat([first_stage.decode(first_stage.encode(chunk.to(device))).cpu()
+                             for chunk in reference.volumes.split(config.batch_size)])
+        labels = reference.labels
+        entry = {"source": {"autoencoder": str(path), "sha256_8": file_digest(path),
+                            "reconstructs": f"the {config.real_split} real volumes"}}
+    elif kind == "generated":
         volumes, labels = read_samples(path)
         if labels is None:
             raise ValueError(f"--generated {path}: its manifest.csv has no labels; utility and per-class FID need them")

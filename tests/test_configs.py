@@ -26,6 +26,20 @@ def _instantiate(args: list[str], tmp_path: Path) -> MsrlCLI:
                    args=[*args, *ON_CPU, "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
 
+@pytest.fixture(scope="module")
+def autoencoders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], Path]:
+    """Untrained small VQ-GAN checkpoints per (image size, channels) the latent configs need."""
+    paths = {}
+    for size, channels in ((64, 1), (128, 1), (128, 4)):  # template; OASIS-1 (T1); BraTS (4 sequences)
+        module = AutoencoderModule(in_channels=channels, spatial_size=size, channels=(8, 8), num_res_channels=(8, 8),
+                                   embedding_dim=8)
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+        trainer.strategy.connect(module)
+        paths[size, channels] = tmp_path_factory.mktemp(f"ae{size}-{channels}") / "last.ckpt"
+        trainer.save_checkpoint(paths[size, channels])
+    return paths
+
+
 def _instantiate_finetune(config: Path, checkpoint: Path, tmp_path: Path) -> FinetuneCLI:
     return FinetuneCLI(PPOFinetuneModule, datamodule_class=None, run=False, auto_configure_optimizers=False,
                        args=["-c", str(config), "--model.init_checkpoint", str(checkpoint), *ON_CPU,
@@ -42,7 +56,7 @@ def _arguments_for(config: Path) -> list[str]:
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
         return ["-c", template, "--data", str(config)]
-    if kind in ("finetune", "rewards", "autoencoder"):
+    if kind in ("finetune", "rewards", "autoencoder", "evaluate"):
         return []  # built by their own CLIs below
     raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
 
@@ -52,11 +66,24 @@ def test_configs_are_found() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint: Path) -> None:
+def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint: Path, latent_checkpoint: Path,
+                             autoencoders: dict[tuple[int, int], Path]) -> None:
     kind = config.relative_to(REPO / "configs").parts[0]
     if kind == "finetune":  # needs a pretrained checkpoint; its multi-scale reward is tested in test_rewards
-        cli = _instantiate_finetune(config, pretrained_checkpoint, tmp_path)
+        latent = "latent" in config.name
+        cli = _instantiate_finetune(config, latent_checkpoint if latent else pretrained_checkpoint, tmp_path)
         assert isinstance(cli.model, PPOFinetuneModule) and cli.model.policy.hparams.spatial_size == 16
+        assert (cli.model.policy.latent is not None) == latent
+        return
+    if kind == "evaluate":
+        from evaluation.evaluate_command import build_parser, normalise_argv
+        from evaluation.extractors import FeatureExtractor
+
+        parser = build_parser()
+        built = parser.instantiate_classes(parser.parse_args(normalise_argv(
+            ["-c", str(config), "--checkpoint", "x.ckpt", "--out", str(tmp_path / "eval")])))
+        assert isinstance(built.data, VolumeDataModule) and built.extractors
+        assert all(isinstance(e, FeatureExtractor) for e in built.extractors)
         return
     if kind == "rewards":
         cli = RewardTrainingCLI(RewardNetworkModule, L.LightningDataModule, subclass_mode_model=True,
@@ -71,7 +98,12 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
         assert isinstance(cli.model, AutoencoderModule) and cli.trainer.gradient_clip_val is None
         assert cli.model.hparams.spatial_size == cli.datamodule.spatial_size
         return
-    cli = _instantiate(_arguments_for(config), tmp_path)
+    arguments = _arguments_for(config)
+    text = config.read_text()
+    if kind == "pretrain" and "autoencoder_checkpoint:" in text:  # latent: the first stage of the data's size
+        size, channels = (64, 1) if "spatial_size: 64" in text else (128, 4 if "brats" in config.name else 1)
+        arguments += ["--model.autoencoder_checkpoint", str(autoencoders[size, channels])]
+    cli = _instantiate(arguments, tmp_path)
     assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, VolumeDataModule)
     # The data module's shape reaches the model through the CLI's links.
     assert cli.model.hparams.spatial_size == cli.datamodule.spatial_size
