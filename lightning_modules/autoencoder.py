@@ -78,7 +78,9 @@ class AutoencoderModule(L.LightningModule):
         gradient_clip_val: clip each optimiser's gradient norm to this (None: no clipping).
         train_crop_size: train on random cubes of this side (a multiple of 2^downsample_levels) instead
             of whole volumes: the networks are convolutional, and a 32³ cube of a 64³ volume costs an
-            eighth of its step. None trains on whole volumes; validation always uses them.
+            eighth of its step. None trains on whole volumes; validation always uses them. Cubes
+            oversample the brain (their latents' std was 1.4× the whole volumes' on the template), so
+            with cubes the scale factor comes from the whole validation volumes' latents.
         preview_num_samples: validation volumes shown next to their reconstructions in TensorBoard.
     """
 
@@ -165,7 +167,8 @@ class AutoencoderModule(L.LightningModule):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         self.register_buffer("latent_scale", torch.ones(()))  # 1/std of the training latents; saved
         self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))  # saved: survives resume
-        self.register_buffer("latent_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.register_buffer("latent_sums", torch.zeros(3, dtype=torch.float64), persistent=False)  # training
+        self.register_buffer("val_latent_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
         self._preview: torch.Tensor | None = None
 
     # Public API of the first stage ---------------------------------------------------------------
@@ -231,9 +234,9 @@ class AutoencoderModule(L.LightningModule):
             restart_dead_codes(self.network.quantizer.quantizer, dead, self.trainer.strategy.broadcast(picks))
         self.log("train/dead_codes_restarted", dead.sum().float(), on_step=True, batch_size=1)
 
-    def validation_reconstruction(self, images: torch.Tensor) -> torch.Tensor:
-        """`reconstruct(images)`, counting the codes used for the epoch's codebook health."""
-        indices = self.code_indices(self.encode_latent(images))
+    def validation_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode_latent(latents)`, counting the codes used for the epoch's codebook health."""
+        indices = self.code_indices(latents)
         self.val_code_counts += torch.bincount(indices.flatten(), minlength=self.hparams.num_embeddings)
         return self.network.decode(self.network.quantizer.embed(indices)).clamp(-1, 1)
 
@@ -241,8 +244,9 @@ class AutoencoderModule(L.LightningModule):
         """`ae/codebook_perplexity` and `ae/codebook_usage` of the validation epoch (all ranks' codes)."""
         counts = self.trainer.strategy.reduce(self.val_code_counts.clone(), reduce_op="sum")
         self.val_code_counts.zero_()
-        self.log("ae/codebook_perplexity", codebook_perplexity(counts), batch_size=1)
-        self.log("ae/codebook_usage", codebook_usage(counts), batch_size=1)
+        # Every rank holds the same summed counts; sync_dist only tells Lightning so.
+        self.log("ae/codebook_perplexity", codebook_perplexity(counts), batch_size=1, sync_dist=True)
+        self.log("ae/codebook_usage", codebook_usage(counts), batch_size=1, sync_dist=True)
 
     # Training ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -254,7 +258,8 @@ class AutoencoderModule(L.LightningModule):
         adversarial = int(self.training_steps) >= hp.adversarial_start_step
         self.toggle_optimizer(generator_optimizer)
         reconstruction, regulariser, latents = self.autoencode(images)
-        self.latent_sums += latent_moments(latents)
+        if hp.train_crop_size is None:
+            self.latent_sums += latent_moments(latents)
         l1 = F.l1_loss(reconstruction.float(), images.float())
         loss = l1 + regulariser
         logs = {"train/l1": l1, self.regulariser_name: regulariser}
@@ -294,31 +299,36 @@ class AutoencoderModule(L.LightningModule):
         return [torch.optim.AdamW(generator, lr=hp.lr, betas=tuple(hp.betas)),
                 torch.optim.AdamW(self.discriminators.parameters(), lr=hp.discriminator_lr, betas=tuple(hp.betas))]
 
-    # Latent scale --------------------------------------------------------------------------------
+    # Latent scale: from this epoch's training latents, or the validation volumes' with cubes ---------
     def on_train_epoch_start(self) -> None:
         """Start this epoch's latent statistics afresh."""
         self.latent_sums.zero_()
 
     def on_train_epoch_end(self) -> None:
         """Store 1/std of this epoch's training latents (before the epoch's checkpoint is written)."""
-        self.store_scale_factor()
-        self.log("ae/scale_factor", self.scale_factor, batch_size=1)
+        if self.hparams.train_crop_size is None:
+            self.store_scale_factor(self.latent_sums)
+        self.log("ae/scale_factor", self.scale_factor, batch_size=1, sync_dist=True)
 
-    def store_scale_factor(self) -> None:
-        """Set `latent_scale` from the latents seen so far this epoch, summed over ranks (no-op if none)."""
-        scale = scale_from_moments(self.trainer.strategy.reduce(self.latent_sums.clone(), reduce_op="sum"))
+    def store_scale_factor(self, sums: torch.Tensor) -> None:
+        """Set `latent_scale` from `latent_moments` sums, summed over ranks (no-op if empty)."""
+        scale = scale_from_moments(self.trainer.strategy.reduce(sums.clone(), reduce_op="sum"))
         if scale is not None:
             self.latent_scale.fill_(scale)
 
     # Validation ----------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        """Store the scale factor: a checkpoint written after this validation carries it."""
-        self.store_scale_factor()
+        """Store the scale factor, so that a checkpoint written after this validation carries it."""
+        if self.hparams.train_crop_size is None:
+            self.store_scale_factor(self.latent_sums)
+        self.val_latent_sums.zero_()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """val/l1, val/psnr and val/ssim of the reconstructions; keep the first batch's for the preview."""
         images = batch["image"].float()
-        reconstruction = self.validation_reconstruction(batch["image"]).float()
+        latents = self.encode_latent(batch["image"])
+        self.val_latent_sums += latent_moments(latents)
+        reconstruction = self.validation_decode(latents).float()
         size = images.shape[0]
         self.val_psnr(reconstruction, images)
         self.val_ssim(reconstruction, images)
@@ -330,8 +340,10 @@ class AutoencoderModule(L.LightningModule):
             self._preview = torch.stack([images[:count], reconstruction[:count]], 1).flatten(0, 1)
 
     def on_validation_epoch_end(self) -> None:
-        """Codebook health, and real-vs-reconstructed middle slices (rows alternate) to TensorBoard."""
+        """Codebook health, real-vs-reconstructed middle slices (rows alternate), and with cubes the scale."""
         self.log_latent_health()
+        if self.hparams.train_crop_size is not None and not self.trainer.sanity_checking:
+            self.store_scale_factor(self.val_latent_sums)
         preview, self._preview = self._preview, None
         if (preview is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero
                 and isinstance(self.logger, TensorBoardLogger)):

@@ -103,9 +103,9 @@ class KLAutoencoderModule(AutoencoderModule):
     def after_generator_step(self, latents: torch.Tensor) -> None:
         """A Gaussian latent has no codebook to look after."""
 
-    def validation_reconstruction(self, images: torch.Tensor) -> torch.Tensor:
-        """`reconstruct(images)` from the posterior means."""
-        return self.reconstruct(images)
+    def validation_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode_latent(latents)`."""
+        return self.decode_latent(latents)
 
     def log_latent_health(self) -> None:
         """No codebook: nothing beyond the reconstruction metrics."""

@@ -1,5 +1,6 @@
 """Tests of the first stage: `AutoencoderModule` (VQ-GAN), `KLAutoencoderModule` and `msrl train-autoencoder`."""
 
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ from datamodules import TemplateCohortDataModule
 from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.autoencoder_kl import KLAutoencoderModule
 from lightning_modules.cli import main
-from tests.conftest import REPO, cli_data_args
+from tests.conftest import MSRL, REPO, cli_data_args, subprocess_env
 
 TEMPLATE = str(REPO / "configs/autoencoder/template.yaml")
 # Tiny networks for 16³ volumes (MONAI's own tests use 8 channels): a 4³×4 latent, 32 codes.
@@ -77,6 +78,16 @@ def test_encode_decode_shapes_and_stored_scale_factor(trained: tuple[Autoencoder
     assert spec["latent_shape"] == [4, 4, 4, 4] and spec["hparams"]["num_embeddings"] == 32
     assert spec["scale_factor"] == pytest.approx(expected, rel=1e-4) and model.scale_factor == spec["scale_factor"]
     assert float(checkpoint["state_dict"]["latent_scale"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_with_cubes_the_scale_comes_from_whole_validation_volumes(cohort_cache: Path) -> None:
+    torch.manual_seed(0)
+    model = AutoencoderModule(**TINY, lr=0.0, adversarial_start_step=10, train_crop_size=12)
+    data = _data(cohort_cache)
+    _trainer(max_epochs=1).fit(model, data)
+    with torch.no_grad():
+        latents = torch.cat([model.encode_latent(b["image"]) for b in data.val_dataloader()])
+    assert model.scale_factor == pytest.approx(1 / latents.double().std().item(), rel=1e-4)
 
 
 def test_from_msrl_checkpoint_round_trip(trained: tuple[AutoencoderModule, Path]) -> None:
@@ -196,3 +207,19 @@ def test_print_config(capsys: pytest.CaptureFixture) -> None:
     printed = capsys.readouterr().out
     assert "lightning_modules.autoencoder.AutoencoderModule" in printed and "num_embeddings: 256" in printed
     assert "TemplateCohortDataModule" in printed and "monitor: val/l1" in printed
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_discriminators_and_dead_code_restarts(cohort_cache: Path, tmp_path: Path) -> None:
+    """Gloo DDP: unused discriminators, summed code counts and broadcast restarts keep the ranks in step."""
+    command = [MSRL, "train-autoencoder", "-c", TEMPLATE, *cli_data_args(cohort_cache), *TINY_ARGS,
+               "--model.init_args.train_crop_size", "12", "--model.init_args.adversarial_start_step", "2",
+               "--model.init_args.dead_code_interval", "1", "--model.init_args.slice_discriminator", "true",
+               "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
+               "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
+               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "autoencoder/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert int(checkpoint["state_dict"]["training_steps"]) == 4  # 6 subjects, batch 2, 2 ranks: 2 steps an epoch
+    assert checkpoint["msrl_autoencoder"]["scale_factor"] != 1.0
