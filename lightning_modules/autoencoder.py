@@ -165,7 +165,7 @@ class AutoencoderModule(L.LightningModule):
                             (MedicalNetPerceptualLoss(hp.perceptual_weights_path, hp.perceptual_network),))
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        self.register_buffer("latent_scale", torch.ones(()))  # 1/std of the training latents; saved
+        self.register_buffer("latent_scale", torch.ones(()))  # `scale_factor`; saved in every checkpoint
         self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))  # saved: survives resume
         self.register_buffer("latent_sums", torch.zeros(3, dtype=torch.float64), persistent=False)  # training
         self.register_buffer("val_latent_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
@@ -185,7 +185,7 @@ class AutoencoderModule(L.LightningModule):
 
     @property
     def scale_factor(self) -> float:
-        """1 / std of the training latents: diffusion works on `scale_factor · encode_latent(x)`."""
+        """1 / std of whole training volumes' latents (see `train_crop_size`); diffusion works on `scale_factor · z`."""
         return float(self.latent_scale)
 
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:

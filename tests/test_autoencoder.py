@@ -150,27 +150,30 @@ def test_dead_code_restart_raises_codebook_usage(cohort_cache: Path) -> None:
     assert restarted >= 4 * collapsed and restarted >= 0.2, (collapsed, restarted)
 
 
-def test_kl_variant_and_every_option_train_in_bf16(cohort_cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_class", [AutoencoderModule, KLAutoencoderModule], ids=["vq", "kl"])
+def test_every_option_trains_in_bf16_and_reloads(model_class: type[AutoencoderModule], cohort_cache: Path,
+                                                 tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights = tmp_path / "medicalnet.pth"  # MedicalNet's layout: a "state_dict" of DataParallel "module." keys
     from monai.networks.nets.resnet import ResNetFeatures
 
     network = ResNetFeatures("resnet10", pretrained=False)
     torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, weights)
-    model = KLAutoencoderModule(**TINY_KL, adversarial_start_step=0, adversarial_criterion="hinge",
-                                slice_discriminator=True, slices_per_plane=2, perceptual_weights_path=str(weights),
-                                train_crop_size=12)
+    model = model_class(**(TINY if model_class is AutoencoderModule else TINY_KL), adversarial_start_step=0,
+                        adversarial_criterion="hinge", slice_discriminator=True, slices_per_plane=2,
+                        perceptual_weights_path=str(weights), train_crop_size=12)
     trainer = _trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed")
     trainer.fit(model, _data(cohort_cache))
     metrics = trainer.callback_metrics
-    for key in ("train/l1", "train/kl", "train/perceptual", "train/discriminator_loss", "val/l1", "val/ssim"):
+    for key in ("train/l1", model.regulariser_name, "train/perceptual", "train/discriminator_loss", "val/l1",
+                "val/ssim"):
         assert torch.isfinite(metrics[key]), key
-    trainer.save_checkpoint(tmp_path / "kl.ckpt")
-    checkpoint = torch.load(tmp_path / "kl.ckpt", weights_only=True)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=True)
     assert not any("perceptual" in key for key in checkpoint["state_dict"])  # the loss network stays out
     weights.unlink()  # and is not needed to load the autoencoder
-    loaded = AutoencoderModule.from_msrl_checkpoint(tmp_path / "kl.ckpt")
-    assert type(loaded) is KLAutoencoderModule and loaded.latent_shape == (4, 4, 4, 4)
+    loaded = AutoencoderModule.from_msrl_checkpoint(tmp_path / "model.ckpt")
+    assert type(loaded) is model_class and loaded.latent_shape == (4, 4, 4, 4)
     assert loaded.decode_latent(loaded.encode_latent(torch.zeros(1, 1, 16, 16, 16))).shape == (1, 1, 16, 16, 16)
 
 
