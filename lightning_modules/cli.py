@@ -32,13 +32,19 @@ class MsrlCLI(LightningCLI):
             parser.link_arguments("data", f"{model}.{target}", apply_on="instantiate",
                                   compute_fn=lambda data, a=attribute: getattr(data, a))
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Lightning 2.6 writes save_last's last.ckpt only when a top-k checkpoint is written, so after
+        # the monitored metric stops improving it would stay the best one; this writes the true last.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
+                             "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
+                             "last_checkpoint.save_on_train_epoch_end": True})
         if not self.subclass_mode_model:
             # shown by --print_config, built fresh per run
             parser.set_defaults({"model.noise_scheduler": DEFAULT_NOISE_SCHEDULER})
         parser.set_defaults({
             "checkpoint.monitor": self.monitor,
             "checkpoint.mode": self.mode,
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": False,  # last.ckpt comes from last_checkpoint
             "checkpoint.save_top_k": 1,
             "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
             "checkpoint.auto_insert_metric_name": False,

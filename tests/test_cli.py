@@ -102,3 +102,12 @@ def test_unknown_verb_and_bad_key_are_reported(capsys: pytest.CaptureFixture) ->
     with pytest.raises(SystemExit):
         main(["pretrain", "-c", TEMPLATE, "--model.chanels", "[8,8,8]"])
     assert "chanels" in capsys.readouterr().err  # jsonargparse names the misspelled key
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_older(cohort_cache: Path, tmp_path: Path) -> None:
+    # mode "max" on a falling val/loss keeps epoch 0 as "best"; Lightning's own save_last would then
+    # leave last.ckpt at epoch 0 as well
+    _pretrain(cohort_cache, tmp_path, "--checkpoint.mode", "max")
+    checkpoints = tmp_path / "pretrain" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert [p.name.split("-step")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch000"]

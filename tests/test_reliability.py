@@ -91,6 +91,11 @@ def test_config_errors_stop_before_any_compute(pretrained_checkpoint: Path, tmp_
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "-c", str(REPO / "configs/pretrain/brats2019.yaml"), "--trainer",
               str(REPO / "configs/trainer/cpu.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_info.value.code == 1 and "autoencoder_brats2019" in capsys.readouterr().err  # the latent default
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "-c", str(REPO / "configs/pretrain/brats2019.yaml"), "--model.autoencoder_checkpoint", "null",
+              "--trainer", str(REPO / "configs/trainer/cpu.yaml"), "--trainer.logger.init_args.save_dir",
+              str(tmp_path)])
     assert exit_info.value.code == 1 and "MSRL_BRATS2019_ROOT" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
 
