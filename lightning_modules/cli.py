@@ -184,7 +184,7 @@ VERBS: dict[str, tuple[Callable[[list[str]], None], str]] = {
 def usage() -> str:
     """The top-level help text: one line per verb."""
     lines = ["usage: msrl VERB [options]   (msrl VERB --help for a verb's options)", "", "verbs:"]
-    lines += [f"  {name:<13} {text}" for name, (_, text) in VERBS.items()]
+    lines += [f"  {name:<18} {text}" for name, (_, text) in VERBS.items()]
     return "\n".join(lines)
 
 
