@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from evaluation.evaluate import (
 from evaluation.extractors import FeatureExtractor, MedicalNetExtractor, file_digest
 from evaluation.tables import metrics_markdown
 from evaluation.utility import LabelledVolumes, UtilityProtocol
+from lightning_modules.atomic_output import atomic_folder
 from lightning_modules.sample_command import draw_volumes, load_checkpoint, read_samples, write_samples
 
 log = logging.getLogger(__name__)
@@ -135,9 +134,7 @@ def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModul
     reference = real_volumes(data, config.real_split)
     cache = FeatureCache(extractors, reference, config.batch_size)
     train, test = real_volumes(data, "train"), real_volumes(data, "test")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         result: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "data": {"class_path": f"{type(data).__module__}.{type(data).__name__}",
@@ -164,12 +161,6 @@ def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModul
                           seeds=[config.seed] * len(generated.labels), checkpoint=path)
         (staging / "metrics.json").write_text(json.dumps(result, indent=1))
         (staging / "metrics.md").write_text(metrics_markdown(result))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     print(metrics_markdown(result, summary_only=True))
     print(f"\nwrote {out}/metrics.json, {out}/metrics.md and the evaluated volumes under {out}/samples")
     return result

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from jsonargparse import ArgumentParser
 
 from evaluation.figures import curves_figure, histogram_figure, metric_bars, read_scalars, slice_comparison
 from evaluation.tables import metrics_markdown, summary_rows
+from lightning_modules.atomic_output import atomic_folder
 from lightning_modules.sample_command import read_samples
 
 CURVES = {
@@ -67,18 +66,10 @@ def main(argv: list[str]) -> None:
     runs = {name: scalars for name, scalars in runs.items() if scalars}
     if not evaluations and not runs:
         raise ValueError(f"none of {[str(f) for f in folders]} holds TensorBoard events or a metrics.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         sections = draw(staging, runs, evaluations)
         (staging / "report.md").write_text(report_markdown(sections))
         (staging / "report.html").write_text(report_html(sections))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     print(f"wrote {out}/report.html and {out}/report.md with {sum(len(s['figures']) for s in sections)} figures")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lightning_modules.atomic_output import atomic_folder
 from lightning_modules.diffusion import DiffusionModule
 from lightning_modules.visualize import save_slices_png
 
@@ -118,9 +117,7 @@ def write_samples(volumes: torch.Tensor, labels: torch.Tensor | None, out: Path,
 
     `seeds[i]` is the seed of the batch that drew volume i (its noise and step noise).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         rows = []
         for index, volume in enumerate(volumes):
             name = f"sample_{index:04d}.nii.gz"
@@ -135,9 +132,3 @@ def write_samples(volumes: torch.Tensor, labels: torch.Tensor | None, out: Path,
         shown = volumes[:8]
         titles = None if labels is None else [f"label {int(label)}" for label in labels[:8]]
         save_slices_png(shown, staging / "slices.png", titles)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
