@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
 
-demo: install  ## embedded data → pretrain → sample (grows with reward training, PPO, evaluation)
+demo: install  ## embedded data → VQ-GAN → latent pretrain → rewards → PPO → samples → evaluate → report
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: install  ## the default test suite (< 10 minutes on 2 cores)
