@@ -76,6 +76,7 @@ def test_pretrain_runs_on_a_fake_release_through_the_cli(release: str, tmp_path:
           "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.val_fraction", "0.2",
           "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
           "--model.activation_checkpointing", "false", "--model.preview_every_n_epochs", "0",
+          "--model.autoencoder_checkpoint", "null",  # the data path, in voxel space (latent: tests/test_latent.py)
           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
     checkpoint = torch.load(tmp_path / "runs/pretrain/version_0/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
