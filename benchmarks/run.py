@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -30,12 +31,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def _cpu_name() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc (macOS): fall back to what platform knows
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
