@@ -21,6 +21,7 @@ from lightning_modules.latent import LatentSpace
 from lightning_modules.noise_schedules import default_noise_scheduler, schedule_from_betas
 from lightning_modules.optim import warmup_cosine_schedule
 from lightning_modules.sampling import ddim_from_training_schedule, sample
+from lightning_modules.speed import apply_speed_options, to_channels_last
 from lightning_modules.visualize import slice_grid
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class DiffusionModule(L.LightningModule):
             train/skipped_steps); this many in a row stop the run.
         autoencoder_checkpoint: an `msrl train-autoencoder` checkpoint: diffuse in its (scaled)
             latent space, decode samples to full-size volumes. None: diffusion in voxel space.
+        use_flash_attention: MONAI's flash / memory-efficient attention (PyTorch SDPA) in the UNet.
+        channels_last: channels-last-3D layout for the UNet's weights and inputs (GPU path).
+        compile_unet: `torch.compile` the UNet (GPU path; off until measured to pay).
     """
 
     def __init__(
@@ -84,6 +88,9 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         max_nonfinite_steps: int = 5,
         autoencoder_checkpoint: str | None = None,
+        use_flash_attention: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool = False,
     ) -> None:
         super().__init__()
         if len(channels) != len(attention_levels):
@@ -108,7 +115,7 @@ class DiffusionModule(L.LightningModule):
             spatial_dims=3, in_channels=unet_channels, out_channels=unet_channels, channels=tuple(channels),
             attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
             num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
-            num_class_embeds=num_classes + 1 if num_classes > 0 else None,
+            num_class_embeds=num_classes + 1 if num_classes > 0 else None, use_flash_attention=use_flash_attention,
         )
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
@@ -116,6 +123,7 @@ class DiffusionModule(L.LightningModule):
         self._skips_in_a_row = 0
         if activation_checkpointing:
             enable_activation_checkpointing(self.unet)
+        apply_speed_options(self.unet, channels_last, compile_unet)
 
     # The space diffusion happens in --------------------------------------------------------------
     @property
@@ -141,6 +149,7 @@ class DiffusionModule(L.LightningModule):
     # The network -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Prediction of the trained UNet for x_t [B, C, D, H, W], timesteps [B] and labels [B]."""
+        x = to_channels_last(x) if self.hparams.channels_last else x
         return self.unet(x, timesteps, class_labels=labels if self.null_class is not None else None)
 
     def ema_forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
