@@ -10,7 +10,6 @@ Weights are only ever read from a local file the user gives; nothing is download
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -23,6 +22,7 @@ from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from torch import nn
 
 from lightning_modules.checkpoint_io import load_weights
+from lightning_modules.latent import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,7 @@ class FeatureExtractor(nn.Module, ABC):
 
 def file_digest(path: str | Path, length: int = 8) -> str:
     """Short SHA-256 of a file: names which weights produced a number."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
+    return sha256_of(path)[:length]
 
 
 def zscore(volumes: torch.Tensor) -> torch.Tensor:
