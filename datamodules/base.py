@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from datamodules.preprocessing import foreground_histogram, preprocess_subject
 from datamodules.problems import DataError, Problem
+from datamodules.resumable import ResumableLoader
 from datamodules.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,8 @@ class VolumeDataModule(L.LightningDataModule):
             raise RuntimeError(f"the {split} split is not set up: call setup() first")
         if len(self.datasets[split]) == 0:
             raise ValueError(f"the {split} split is empty: raise the number of subjects or the {split}_fraction")
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _apply_policy(self, records: list[SubjectRecord], problems: list[Problem]) -> list[SubjectRecord]:
         """Log warnings; raise on errors, or (on_bad_subject="skip") drop the subjects they name."""

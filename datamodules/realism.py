@@ -18,6 +18,7 @@ import torchio as tio
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules.base import VolumeDataModule, _atomic_save
+from datamodules.resumable import ResumableLoader
 
 
 def mri_artefacts() -> tio.Transform:
@@ -149,9 +150,9 @@ class RealismDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled real and not-real volumes."""
-        return DataLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.data.num_workers)
+        return ResumableLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True,
+                               num_workers=self.data.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """Held-out real and not-real volumes, fixed artefacts."""
-        return DataLoader(self.sets["val"], batch_size=self.batch_size, num_workers=self.data.num_workers)
+        return ResumableLoader(self.sets["val"], batch_size=self.batch_size, num_workers=self.data.num_workers)

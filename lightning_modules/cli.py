@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from datamodules.base import VolumeDataModule
 from lightning_modules.diffusion import DiffusionModule
 from lightning_modules.noise_schedules import DEFAULT_NOISE_SCHEDULER
+from lightning_modules.preemption import StepBoundaryRequeue
 
 
 class MsrlCLI(LightningCLI):
@@ -38,6 +39,7 @@ class MsrlCLI(LightningCLI):
         parser.set_defaults({"last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
                              "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
                              "last_checkpoint.save_on_train_epoch_end": True})
+        parser.add_lightning_class_args(StepBoundaryRequeue, "preemption")  # SLURM's SIGUSR1 at a step boundary
         if not self.subclass_mode_model:
             # shown by --print_config, built fresh per run
             parser.set_defaults({"model.noise_scheduler": DEFAULT_NOISE_SCHEDULER})
@@ -57,6 +59,7 @@ class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Keep last.ckpt plus the latest epoch's checkpoint (PPO has no validation metric to rank by)."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepBoundaryRequeue, "preemption")  # SLURM's SIGUSR1 at a step boundary
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1,
                              "checkpoint.filename": "iteration-epoch{epoch:03d}",
                              "checkpoint.auto_insert_metric_name": False})

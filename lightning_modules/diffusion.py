@@ -226,7 +226,8 @@ class DiffusionModule(L.LightningModule):
         """AdamW with linear warm-up and cosine decay per optimiser step."""
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr,
                                       weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        trainer = self._trainer
+        total = (lambda: trainer.estimated_stepping_batches) if trainer is not None else None
         scheduler = warmup_cosine_schedule(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from datamodules.resumable import ResumableLoader
 from lightning_modules.advantages import ClassAdvantageNormaliser, clipped_surrogate
 from lightning_modules.diffusion import DiffusionModule
 from lightning_modules.sampling import (
@@ -114,7 +115,7 @@ class PPOFinetuneModule(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         """One dummy item per iteration and rank (the distributed sampler splits them)."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        return DataLoader(range(self.hparams.iterations_per_epoch * world), batch_size=1)
+        return ResumableLoader(range(self.hparams.iterations_per_epoch * world), batch_size=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable UNet weights."""

@@ -1,12 +1,17 @@
 """SLURM preemption: SIGUSR1 saves a checkpoint and requeues; the requeued job resumes by itself."""
 
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning as L
+import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from tests.conftest import MSRL, REPO, TINY_MODEL_ARGS, cli_data_args, subprocess_env
 
@@ -54,3 +59,72 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_resumes(cohort_cache: Path,
     assert "hpc_ckpt_1.ckpt" in again.stdout + again.stderr  # restored without --ckpt_path
     final = torch.load(tmp_path / "runs/pretrain/version_1/checkpoints/last.ckpt", weights_only=True)
     assert final["global_step"] == 40 * 3 and final["epoch"] == 39
+    (tmp_path / "whole").mkdir()  # the same job, never preempted: the same weights, bit for bit
+    whole = subprocess.run(command, cwd=tmp_path / "whole", env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = torch.load(tmp_path / "runs/pretrain/version_2/checkpoints/last.ckpt", weights_only=True)
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+class SignalInsideStep(Callback):
+    """SIGUSR1 from inside the optimiser step of training batch `at` (after backward, before the update),
+    where Python runs a signal handler; the run then stops at the next batch once Lightning has written
+    its hpc checkpoint, as SLURM stops a requeued job."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.sent = at, False
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not self.sent and trainer.fit_loop.epoch_loop.batch_progress.total.completed == self.at - 1:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
+            raise Preempted
+
+
+class Preempted(Exception):
+    pass
+
+
+def _slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process looks like a SLURM job step with a fake `scontrol`; returns the requeue record."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "requeued"}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    return tmp_path / "requeued"
+
+
+def test_a_signal_inside_an_optimiser_step_is_served_after_it(pretrained_checkpoint: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPO killed by a preemption in iteration 5 of 6 (mid-epoch) continues to the same weights and curve."""
+    from tests.test_ppo import _finetune, _scalars
+
+    short = ["--model.iterations_per_epoch", "3", "--trainer.max_epochs", "2"]
+    whole = _finetune(pretrained_checkpoint, tmp_path / "whole", *short)
+    requeued = _slurm_job(tmp_path, monkeypatch)
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path / "job")  # Lightning writes hpc_ckpt_<n>.ckpt into the working directory
+    signal_at = json.dumps([{"class_path": "tests.test_preemption.SignalInsideStep", "init_args": {"at": 5}}])
+    with pytest.raises(Preempted):
+        _finetune(pretrained_checkpoint, tmp_path / "job/runs", *short, "--trainer.callbacks", signal_at)
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    saved = torch.load(tmp_path / "job/hpc_ckpt_1.ckpt", weights_only=True)
+    assert int(saved["state_dict"]["iteration"]) == 5  # the whole iteration in which the signal came
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    _finetune(pretrained_checkpoint, tmp_path / "job/runs", *short)  # the requeued job: no --ckpt_path
+    first, second = tmp_path / "job/runs/finetune/version_0", tmp_path / "job/runs/finetune/version_1"
+    assert _scalars(first, "ppo/reward/mean") + _scalars(second, "ppo/reward/mean") == _scalars(
+        whole, "ppo/reward/mean")
+    a = torch.load(whole / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(second / "checkpoints/last.ckpt", weights_only=True)
+    assert int(b["state_dict"]["iteration"]) == 6
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
