@@ -115,6 +115,8 @@ def main(argv: list[str]) -> None:
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite true or choose another --out")
+    if built.data is None:
+        raise ValueError("--data is required: the real volumes to compare with, e.g. --data configs/data/template.yaml")
     for kind, path in sources:  # fail before any compute
         if not Path(path).exists():
             raise FileNotFoundError(f"--{kind} {path} does not exist")
@@ -133,13 +135,14 @@ def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModul
     """Compute metrics.json's content and write it, metrics.md and the volumes into `out` (all or nothing)."""
     reference = real_volumes(data, config.real_split)
     cache = FeatureCache(extractors, reference, config.batch_size)
-    train, test = real_volumes(data, "train"), real_volumes(data, "test")
+    # the utility classifiers' splits; --skip-utility needs neither (a data set may have no test split)
+    train, test = (None, None) if config.skip_utility else (real_volumes(data, "train"), real_volumes(data, "test"))
     with atomic_folder(out) as staging:
         result: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "data": {"class_path": f"{type(data).__module__}.{type(data).__name__}",
                      "spatial_size": data.spatial_size, "real_split": config.real_split,
-                     "num_real": len(reference.labels), "num_test": len(test.labels)},
+                     "num_real": len(reference.labels), "num_test": None if test is None else len(test.labels)},
             "extractors": [e.name for e in extractors],
             "real": {"records": diversity_records(reference.volumes, config.ms_ssim_pairs, config.seed)},
             "entries": [],

@@ -76,8 +76,9 @@ def metrics_markdown(result: dict[str, Any], summary_only: bool = False) -> str:
     """metrics.md: the summary table, then every record of every source."""
     header, rows = summary_rows(result)
     data = result["data"]
+    utility = "no utility" if data["num_test"] is None else f"utility tested on {data['num_test']} held-out"
     text = [f"# msrl evaluation ({data['class_path']}, {data['spatial_size']}³, real reference: "
-            f"{data['real_split']} split, {data['num_real']} volumes; utility tested on {data['num_test']} held-out)",
+            f"{data['real_split']} split, {data['num_real']} volumes; {utility})",
             "", markdown_table(header, rows)]
     if summary_only:
         return "\n".join(text)

@@ -139,6 +139,16 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
     assert all(name in page for name in pngs) and "<table>" in page
 
 
+def test_skip_utility_needs_no_test_split(cohort_cache: Path, pretrained_checkpoint: Path, tmp_path: Path) -> None:
+    _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
+              "--data.init_args.test_fraction", "0.0", "--skip-utility", "true", "--extractors",
+              '[{"class_path": "evaluation.MedicalNetExtractor"}]')
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["data"]["num_test"] is None
+    assert not any(r["metric"].startswith("utility/") for r in result["entries"][0]["records"])
+    assert "no utility)" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
 def test_evaluate_refuses_missing_sources_before_any_compute(cohort_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(tmp_path / "nope.ckpt"))

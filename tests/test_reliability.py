@@ -12,7 +12,7 @@ from lightning_modules.cli import main
 from lightning_modules.diffusion import DiffusionModule
 from lightning_modules.ppo import PPOFinetuneModule
 from rewards import InterSliceContinuityReward, SliceCriticReward
-from tests.conftest import TINY_MODEL
+from tests.conftest import REPO, TINY_MODEL, cli_data_args
 
 
 class _Payload:
@@ -36,6 +36,30 @@ def test_crafted_pickles_are_refused_and_run_nothing(tmp_path: Path, capsys: pyt
     with pytest.raises(ValueError, match="was refused"):
         SliceCriticReward(checkpoint=str(evil))
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_crafted_weight_files_of_evaluation_and_latent_models_are_refused(
+        tmp_path: Path, cohort_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    """Feature extractors, the first stage, the perceptual loss and `msrl evaluate`: each path loads weights-only."""
+    from evaluation.extractors import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
+    from lightning_modules.autoencoder import AutoencoderModule
+    from lightning_modules.autoencoder_losses import MedicalNetPerceptualLoss
+
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"state_dict": _Payload(marker)}, evil)
+    for build in (lambda: MedicalNetExtractor(weights_path=str(evil)), lambda: SliceExtractor(weights_path=str(evil)),
+                  lambda: ClassifierFeatureExtractor(str(evil)), lambda: AutoencoderModule.from_msrl_checkpoint(evil),
+                  lambda: MedicalNetPerceptualLoss(evil)):
+        with pytest.raises(ValueError, match="evil.pth was refused"):
+            build()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(evil), "--skip-utility", "true", "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 1 and "--data is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(evil), "--skip-utility", "true", "--out", str(tmp_path / "eval"),
+              "--data-config", str(REPO / "configs/data/template.yaml"), *cli_data_args(cohort_cache)])
+    assert exit_info.value.code == 1 and "evil.pth was refused" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "eval").exists()
 
 
 class _SometimesNaN(DiffusionModule):
