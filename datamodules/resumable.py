@@ -15,7 +15,7 @@ generator: iterating a loader never moves the global RNG that the restored train
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -94,7 +94,7 @@ class ResumableLoader(DataLoader):
             epoch, consumed = self._position
         else:
             epoch, consumed = self._resume if self._resume is not None else (self._epoch(), 0)
-        if isinstance(self.batch_sampler, Sized) and consumed >= len(self.batch_sampler):
+        if consumed >= len(self.batch_sampler):
             epoch, consumed = epoch + 1, 0  # a finished epoch: the next one starts from its beginning
         return {"epoch": epoch, "batches": consumed}
 

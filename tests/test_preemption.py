@@ -87,7 +87,7 @@ class SignalInsideStep(Callback):
 
 
 class Preempted(Exception):
-    pass
+    """The job stopped by SLURM after its requeue."""
 
 
 def _slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -80,7 +80,7 @@ class _Record(Callback):
 
 
 class _Killed(Exception):
-    pass
+    """The run stopped from outside, as a node failure or a time limit would."""
 
 
 def _pretrain(cache: Path, root: Path, record: _Record, ckpt_path: Path | None = None,
