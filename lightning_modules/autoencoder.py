@@ -34,7 +34,7 @@ from lightning_modules.autoencoder_losses import (
     restart_dead_codes,
     scale_from_moments,
 )
-from lightning_modules.checkpoint_io import load_weights
+from lightning_modules.checkpoint_io import load_weights, random_states, restore_random_states
 from lightning_modules.visualize import slice_grid
 
 
@@ -357,8 +357,14 @@ class AutoencoderModule(L.LightningModule):
                 "scale_factor": self.scale_factor, "latent_shape": list(self.latent_shape)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Write `autoencoder_spec()` under `msrl_autoencoder`."""
+        """Write `autoencoder_spec()` under `msrl_autoencoder`, and the RNG states (crops replay on resume)."""
         checkpoint["msrl_autoencoder"] = self.autoencoder_spec()
+        checkpoint["msrl_rng"] = random_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states of a resumed run."""
+        if "msrl_rng" in checkpoint:
+            restore_random_states(checkpoint["msrl_rng"])
 
     @classmethod
     def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> AutoencoderModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import TemplateCohortDataModule
 from datamodules.resumable import ResumableLoader
+from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.critics import ClassifierModule
 from lightning_modules.diffusion import DiffusionModule
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_AUTOENCODER, TINY_MODEL
 
 
 def _epoch(loader: ResumableLoader, epoch: int, stop: int | None = None) -> list[int]:
@@ -63,36 +66,49 @@ def test_a_position_from_another_epoch_is_not_applied() -> None:
 
 
 class _Record(Callback):
-    """Losses per step, and an interruption after `stop_after` steps (as a node failure would)."""
+    """A fingerprint of the weights after every step, and an interruption after `stop_after` steps."""
 
     def __init__(self, stop_after: int | None = None) -> None:
-        self.losses: dict[int, float] = {}
+        self.weights: dict[int, float] = {}
         self.stop_after = stop_after
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.losses[trainer.global_step] = float(outputs["loss"])
+        self.weights[trainer.fit_loop.total_batch_idx + 1] = sum(float(p.double().sum()) for p in
+                                                                 pl_module.parameters())
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.stop_after is not None and trainer.global_step >= self.stop_after:
-            raise _Killed  # after the checkpoint of step `stop_after` (checkpoint callbacks run last)
+        if self.stop_after is not None and trainer.fit_loop.total_batch_idx >= self.stop_after:
+            raise _Killed  # after the checkpoint of batch `stop_after` (checkpoint callbacks run last)
 
 
 class _Killed(Exception):
     """The run stopped from outside, as a node failure or a time limit would."""
 
 
-def _pretrain(cache: Path, root: Path, record: _Record, ckpt_path: Path | None = None,
-              checkpoint_every: int | None = None) -> L.Trainer:
+def _diffusion() -> L.LightningModule:
+    return DiffusionModule(in_channels=1, spatial_size=16, num_classes=2, preview_every_n_epochs=0, lr=1e-3,
+                           warmup_steps=2, **TINY_MODEL)
+
+
+def _autoencoder() -> L.LightningModule:  # random 12³ crops: the restored RNG must replay them
+    return AutoencoderModule(lr=3e-3, train_crop_size=12, **TINY_AUTOENCODER)
+
+
+def _classifier() -> L.LightningModule:  # random flips and dropout
+    return ClassifierModule(in_channels=1, spatial_size=16, num_classes=2, channels=(8, 8))
+
+
+def _fit(build: Callable[[], L.LightningModule], cache: Path, root: Path, record: _Record,
+         ckpt_path: Path | None = None, checkpoint_every: int | None = None) -> L.Trainer:
     L.seed_everything(0, verbose=False)
-    model = DiffusionModule(in_channels=1, spatial_size=16, num_classes=2, preview_every_n_epochs=0, lr=1e-3,
-                            warmup_steps=2, **TINY_MODEL)
+    model = build()
     data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cache, batch_size=2,
                                     val_fraction=0.25, test_fraction=0.0)
     callbacks: list[Callback] = [record]
     if checkpoint_every:
-        callbacks.append(ModelCheckpoint(root, filename="step{step}", every_n_train_steps=checkpoint_every,
+        callbacks.append(ModelCheckpoint(root, filename="batch{step}", every_n_train_steps=checkpoint_every,
                                          save_top_k=-1, auto_insert_metric_name=False))
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, default_root_dir=root, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -101,22 +117,26 @@ def _pretrain(cache: Path, root: Path, record: _Record, ckpt_path: Path | None =
     return trainer
 
 
-def test_pretraining_resumed_inside_an_epoch_ends_as_if_never_stopped(cohort_cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("build", [_diffusion, _autoencoder, _classifier],
+                         ids=["pretrain", "autoencoder", "classifier"])
+def test_training_resumed_inside_an_epoch_ends_as_if_never_stopped(build: Callable[[], L.LightningModule],
+                                                                   cohort_cache: Path, tmp_path: Path) -> None:
     whole = _Record()
-    reference = _pretrain(cohort_cache, tmp_path / "whole", whole)
-    assert sorted(whole.losses) == list(range(1, 10))  # 3 epochs of 3 batches
+    reference = _fit(build, cohort_cache, tmp_path / "whole", whole)
+    assert sorted(whole.weights) == list(range(1, 10))  # 3 epochs of 3 batches
     killed = _Record(stop_after=5)  # epoch 1, after its second batch
     with pytest.raises(_Killed):
-        _pretrain(cohort_cache, tmp_path / "run", killed, checkpoint_every=5)
+        _fit(build, cohort_cache, tmp_path / "run", killed, checkpoint_every=reference.global_step // 9 * 5)
+    (checkpoint,) = (tmp_path / "run").glob("batch*.ckpt")
     resumed = _Record()
-    trainer = _pretrain(cohort_cache, tmp_path / "run", resumed, ckpt_path=tmp_path / "run/step5.ckpt")
-    assert sorted(resumed.losses) == list(range(6, 10))  # the rest of epoch 1, then epoch 2
-    assert {**killed.losses, **resumed.losses} == whole.losses  # the same curve, bit for bit
-    for name, tensor in reference.lightning_module.state_dict().items():  # weights, EMA, skip counter
+    trainer = _fit(build, cohort_cache, tmp_path / "run", resumed, ckpt_path=checkpoint)
+    assert sorted(resumed.weights) == list(range(6, 10))  # the rest of epoch 1, then epoch 2
+    assert {**killed.weights, **resumed.weights} == whole.weights  # the same trajectory, bit for bit
+    for name, tensor in reference.lightning_module.state_dict().items():  # weights, EMA, counters
         torch.testing.assert_close(trainer.lightning_module.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
-    after, before = trainer.optimizers[0].state_dict(), reference.optimizers[0].state_dict()
-    for key, moments in before["state"].items():
-        for name, value in moments.items():
-            torch.testing.assert_close(after["state"][key][name], value, rtol=0, atol=0)
-    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == reference.lr_scheduler_configs[
-        0].scheduler.get_last_lr()
+    for after, before in zip(trainer.optimizers, reference.optimizers, strict=True):
+        for key, moments in before.state_dict()["state"].items():
+            for name, value in moments.items():
+                torch.testing.assert_close(after.state_dict()["state"][key][name], value, rtol=0, atol=0)
+    assert [c.scheduler.get_last_lr() for c in trainer.lr_scheduler_configs] == [
+        c.scheduler.get_last_lr() for c in reference.lr_scheduler_configs]
