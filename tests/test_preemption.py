@@ -107,7 +107,11 @@ def test_a_signal_inside_an_optimiser_step_is_served_after_it(pretrained_checkpo
     """PPO killed by a preemption in iteration 5 of 6 (mid-epoch) continues to the same weights and curve."""
     from tests.test_ppo import _finetune, _scalars
 
-    short = ["--model.iterations_per_epoch", "3", "--trainer.max_epochs", "2"]
+    reward = json.dumps({"class_path": "rewards.MultiScaleReward", "init_args": {"components": [
+        {"class_path": "tests.test_ppo.BrightnessReward"}, {"class_path": "rewards.InterSliceContinuityReward"}]}})
+    # running reward and advantage statistics: state that must survive the preemption too
+    short = ["--model.iterations_per_epoch", "3", "--trainer.max_epochs", "2", "--model.reward", reward,
+             "--model.advantage_mode", "running"]
     whole = _finetune(pretrained_checkpoint, tmp_path / "whole", *short)
     requeued = _slurm_job(tmp_path, monkeypatch)
     (tmp_path / "job").mkdir()
@@ -119,6 +123,8 @@ def test_a_signal_inside_an_optimiser_step_is_served_after_it(pretrained_checkpo
     saved = torch.load(tmp_path / "job/hpc_ckpt_1.ckpt", weights_only=True)
     assert int(saved["state_dict"]["iteration"]) == 5  # the whole iteration in which the signal came
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert int(saved["state_dict"]["reward.running.count"].min()) == 5  # iterations 1-5 in the statistics
+    assert int(saved["state_dict"]["advantages.running.count"].min()) == 5  # per class
     _finetune(pretrained_checkpoint, tmp_path / "job/runs", *short)  # the requeued job: no --ckpt_path
     first, second = tmp_path / "job/runs/finetune/version_0", tmp_path / "job/runs/finetune/version_1"
     assert _scalars(first, "ppo/reward/mean") + _scalars(second, "ppo/reward/mean") == _scalars(
