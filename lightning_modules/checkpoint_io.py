@@ -61,3 +61,17 @@ def restore_random_states(states: dict[str, Any]) -> None:
                          numpy["gauss"]))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+RANDOM_STATES_KEY = "msrl_rng"  # where a checkpoint keeps `random_states()`
+
+
+def save_random_states(checkpoint: dict[str, Any]) -> None:
+    """Put this process's RNG states into a checkpoint (an `on_save_checkpoint` hook's job)."""
+    checkpoint[RANDOM_STATES_KEY] = random_states()
+
+
+def resume_random_states(checkpoint: dict[str, Any]) -> None:
+    """Restore the RNG states a checkpoint carries, if it carries any (an `on_load_checkpoint` hook's job)."""
+    if RANDOM_STATES_KEY in checkpoint:
+        restore_random_states(checkpoint[RANDOM_STATES_KEY])

@@ -18,7 +18,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
-from lightning_modules.checkpoint_io import load_weights, random_states, restore_random_states
+from lightning_modules.checkpoint_io import load_weights, resume_random_states, save_random_states
 from rewards.slice2d import SliceSampler, flatten_slices
 
 
@@ -83,12 +83,11 @@ class RewardNetworkModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The RNG states: flips, dropout and slice draws replay on resume (artefacts too with num_workers 0)."""
-        checkpoint["msrl_rng"] = random_states()
+        save_random_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the RNG states of a resumed run."""
-        if "msrl_rng" in checkpoint:
-            restore_random_states(checkpoint["msrl_rng"])
+        resume_random_states(checkpoint)
 
     @classmethod
     def load_for_reward(cls, path: str, reward: str, how_to_train: str) -> RewardNetworkModule:

@@ -16,7 +16,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lightning_modules.checkpoint_io import load_weights, random_states, restore_random_states
+from lightning_modules.checkpoint_io import load_weights, resume_random_states, save_random_states
 from lightning_modules.latent import LatentSpace
 from lightning_modules.noise_schedules import default_noise_scheduler, schedule_from_betas
 from lightning_modules.optim import warmup_cosine_schedule
@@ -248,15 +248,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write `diffusion_spec()` (so `msrl sample` and PPO can rebuild the model) and RNG states."""
         checkpoint["msrl_diffusion"] = self.diffusion_spec()
-        checkpoint["msrl_rng"] = random_states()
+        save_random_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the noise schedule, and the RNG states so a resumed run draws what it would have."""
         spec = checkpoint.get("msrl_diffusion", {}).get("noise_schedule")
         if spec is not None:
             self.noise_scheduler = schedule_from_betas(spec["betas"], spec["prediction_type"])
-        if "msrl_rng" in checkpoint:
-            restore_random_states(checkpoint["msrl_rng"])
+        resume_random_states(checkpoint)
 
     @classmethod
     def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:

@@ -29,7 +29,7 @@ from lightning_modules.autoencoder_losses import (
     random_cubes,
     scale_from_moments,
 )
-from lightning_modules.checkpoint_io import load_weights, random_states, restore_random_states
+from lightning_modules.checkpoint_io import load_weights, resume_random_states, save_random_states
 from lightning_modules.visualize import slice_grid
 
 
@@ -226,12 +226,11 @@ class FirstStageModule(L.LightningModule, ABC):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write `autoencoder_spec()` under `msrl_autoencoder`, and the RNG states (crops replay on resume)."""
         checkpoint["msrl_autoencoder"] = self.autoencoder_spec()
-        checkpoint["msrl_rng"] = random_states()
+        save_random_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the RNG states of a resumed run."""
-        if "msrl_rng" in checkpoint:
-            restore_random_states(checkpoint["msrl_rng"])
+        resume_random_states(checkpoint)
 
     @classmethod
     def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
