@@ -31,9 +31,9 @@ from benchmarks.pretraining import (
     synchroniser,
 )
 from benchmarks.settings import BenchConfig, Net, PPOSize
-from lightning_modules.critics import ClassifierModule, RealismCriticModule
-from lightning_modules.ppo import PPOFinetuneModule
-from lightning_modules.sampling import sample
+from lightning_modules.critics.networks import ClassifierModule, RealismCriticModule
+from lightning_modules.diffusion.sampling import sample
+from lightning_modules.ppo.module import PPOFinetuneModule
 
 REPO = Path(__file__).resolve().parents[1]
 MULTISCALE_CONFIG = REPO / "configs/rewards/multiscale.yaml"

@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.pretraining import autocast
 from benchmarks.settings import Autoencoder, BenchConfig
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.ppo.module import PPOFinetuneModule
 
 PHASES = ("rollout", "decode", "scoring", "update")  # scoring: the reward minus the decoder
 
@@ -26,7 +26,7 @@ def untrained_autoencoder(autoencoder: Autoencoder, workdir: Path) -> Path:
     The file holds what `msrl train-autoencoder` writes for loading: `msrl_autoencoder` (class,
     arguments, scale factor 1, latent shape) and the state dict.
     """
-    from lightning_modules.autoencoder import AutoencoderModule
+    from lightning_modules.first_stage.vqgan import AutoencoderModule
 
     module = AutoencoderModule(**autoencoder.module_kwargs())
     path = workdir / "autoencoder.ckpt"

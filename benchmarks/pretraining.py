@@ -26,8 +26,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.settings import BenchConfig, Device, Net, Precision
-from lightning_modules.diffusion import DiffusionModule
-from lightning_modules.noise_schedules import default_noise_scheduler
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.diffusion.noise_schedules import default_noise_scheduler
 
 NUM_CLASSES = 2  # every benchmark model is class-conditional with two classes, as the demo's
 

@@ -35,7 +35,7 @@ from benchmarks.latent import latent_split, rollout_to_volumes, untrained_autoen
 from benchmarks.memory import checkpointing_memory
 from benchmarks.pretraining import HandWrittenTraining, diffusion_module, lightning_steps, synchroniser
 from benchmarks.settings import BenchConfig, LatentBench, PPOSize
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.ppo.module import PPOFinetuneModule
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ class PPOSize:
 
 @dataclass(frozen=True)
 class Autoencoder:
-    """A VQ-GAN first stage (`lightning_modules.autoencoder.AutoencoderModule`) of the latent rows.
+    """A VQ-GAN first stage (`lightning_modules.first_stage.vqgan.AutoencoderModule`) of the latent rows.
 
     Attributes:
         spatial_size: side S of the [B, 1, S, S, S] volumes it encodes.

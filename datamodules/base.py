@@ -2,7 +2,7 @@
 
 A data set states only what differs: which subjects exist and what is wrong with the listing
 (`scan`), and how to read one subject into a TorchIO subject (`load_subject`). The base applies the
-`on_bad_subject` policy, preprocesses every subject once (DESIGN.md §1) into a cache keyed by the
+`on_bad_subject` policy, preprocesses every subject once (docs/design.md §1) into a cache keyed by the
 preprocessing settings and by each source file's path, size and mtime, splits deterministically by
 `seed` with stratification by label, and serves items `{"image": float32 [C, D, H, W] in [-1, 1],
 "label": int64 [], "subject_id": str}` (plus `"meta"` where the data set has it).
@@ -25,7 +25,8 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.preprocessing import foreground_histogram, preprocess_subject
+from datamodules.atomic import atomic_save, atomic_write_text
+from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram, preprocess_subject
 from datamodules.problems import DataError, Problem
 from datamodules.resumable import ResumableLoader
 from datamodules.splits import stratified_split
@@ -188,12 +189,12 @@ class VolumeDataModule(L.LightningDataModule):
             jobs = DataLoader(_PreprocessJobs(self, todo), batch_size=None, num_workers=self.num_workers)
             for subject_id, tensors, problem in tqdm(jobs, total=len(todo), desc="preprocess", leave=False):
                 if problem is None:
-                    _atomic_save(tensors, self._file(by_id[subject_id]))
+                    atomic_save(tensors, self._file(by_id[subject_id]))
                 else:
                     problems.append(problem)
         records = self._apply_policy(records, problems)
         index = [{**asdict(r), "cache_file": self._file(r).name} for r in records]
-        _atomic_write_text(json.dumps(index, indent=1, default=str), self.cache_path / "index.json")
+        atomic_write_text(json.dumps(index, indent=1, default=str), self.cache_path / "index.json")
 
     def setup(self, stage: str | None = None) -> None:
         """Read the cache index and build the train/val/test datasets."""
@@ -207,7 +208,7 @@ class VolumeDataModule(L.LightningDataModule):
         for name, indices in split.items():
             self.datasets[name] = CachedVolumeDataset([files[i] for i in indices], [records[i] for i in indices])
 
-    def intensity_histogram(self, bins: int = 64, background: float = -0.95) -> torch.Tensor:
+    def intensity_histogram(self, bins: int = 64, background: float = FOREGROUND_THRESHOLD) -> torch.Tensor:
         """Mean normalised foreground histogram [bins] over [-1, 1] of the training split.
 
         Computed once and stored with the cache (the intensity-histogram reward compares to it).
@@ -222,7 +223,7 @@ class VolumeDataModule(L.LightningDataModule):
         train = self.datasets["train"]
         histogram = torch.stack([foreground_histogram(train[i]["image"], bins, background)
                                  for i in range(len(train))]).mean(0)
-        _atomic_save(histogram, file)
+        atomic_save(histogram, file)
         return histogram
 
     def train_dataloader(self) -> DataLoader:
@@ -273,28 +274,3 @@ class VolumeDataModule(L.LightningDataModule):
             stats.append((os.path.abspath(name), stat.st_size, stat.st_mtime_ns))
         digest = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]
         return self.cache_path / f"{record.subject_id}-{digest}.pt"
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a killed run never leaves a half file."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    """Write text through a temporary file and a rename."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it over `path`.
-
-    The rename is atomic on POSIX file systems: readers see the old file or the new one. A write
-    that fails removes its temporary file; one killed outright leaves only a `.tmp<pid>` file that
-    nothing reads.
-    """
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

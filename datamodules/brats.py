@@ -1,4 +1,4 @@
-"""BraTS 2019 training data, read as users have it on disk (DESIGN.md §1).
+"""BraTS 2019 training data, read as users have it on disk (docs/design.md §1).
 
 ```
 MICCAI_BraTS_2019_Data_Training/          (possibly inside a folder of the same name)

@@ -1,4 +1,4 @@
-"""OASIS-1 cross-sectional data, read as users have it on disk (DESIGN.md §1).
+"""OASIS-1 cross-sectional data, read as users have it on disk (docs/design.md §1).
 
 ```
 disc1/OAS1_0001_MR1/PROCESSED/MPRAGE/T88_111/OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc.{hdr,img}

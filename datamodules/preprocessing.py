@@ -1,4 +1,4 @@
-"""Preprocessing shared by every data set (DESIGN.md §1).
+"""Preprocessing shared by every data set (docs/design.md §1).
 
 Canonical orientation → crop to the brain's bounding box → pad to a cube → resize to the cubic
 target → per-channel intensity to [-1, 1] by robust percentiles (0.5–99.5) inside the brain.
@@ -13,6 +13,9 @@ import torch
 import torchio as tio
 
 BACKGROUND = -1.0  # value of every voxel outside the brain after preprocessing
+# A voxel above this is brain: a margin above BACKGROUND absorbs resampling and the noise of generated
+# volumes. Slice sampling, the rule rewards, histograms and the report all use this one value.
+FOREGROUND_THRESHOLD = -0.95
 
 
 def brain_bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[int, int, int, int, int, int]:

@@ -1,1 +1,27 @@
-"""LightningModules of msrl: diffusion pretraining, DDIM sampling with log-probabilities, the CLI."""
+"""The models of msrl: LightningModules and what they alone need.
+
+`DiffusionModule` (pretraining, DDIM sampling with log-probabilities) in `diffusion/`; the first
+stages of latent diffusion (`FirstStageModule`, the VQ-GAN `AutoencoderModule`, the
+`KLAutoencoderModule`) in `first_stage/`; `PPOFinetuneModule` and the reward contract it owns
+(`Reward`) in `ppo/`; the reward networks and their data in `critics/`; the preemption callback in
+`callbacks/`. Configs and checkpoints name classes by these exported names.
+"""
+
+from lightning_modules.callbacks import StepBoundaryRequeue
+from lightning_modules.checkpoint_io import UnsafeCheckpointError, load_weights
+from lightning_modules.critics import (
+    ClassifierModule,
+    PooledConvNet,
+    RealismCriticModule,
+    RealismDataModule,
+    RewardNetworkModule,
+)
+from lightning_modules.diffusion import DiffusionModule, LatentSpace
+from lightning_modules.first_stage import AutoencoderModule, FirstStageModule, KLAutoencoderModule
+from lightning_modules.ppo import PPOFinetuneModule, Reward, score_components
+from lightning_modules.slices import PLANES, SliceSampler
+
+__all__ = ["PLANES", "AutoencoderModule", "ClassifierModule", "DiffusionModule", "FirstStageModule",
+           "KLAutoencoderModule", "LatentSpace", "PPOFinetuneModule", "PooledConvNet", "RealismCriticModule",
+           "RealismDataModule", "Reward", "RewardNetworkModule", "SliceSampler", "StepBoundaryRequeue",
+           "UnsafeCheckpointError", "load_weights", "score_components"]

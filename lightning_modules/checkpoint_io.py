@@ -1,12 +1,36 @@
-"""Checkpoint contents: safe reading (tensors and plain data only, never code) and RNG states."""
+"""Checkpoint contents: safe reading (tensors and plain data only, never code), rebuilding a module, RNG states.
+
+Every msrl model that is read back from a checkpoint (the diffusion model in `msrl sample` and PPO,
+the frozen first stage, the reward networks) goes through `load_weights` and `rebuild_module`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import nn
+
+ModuleType = TypeVar("ModuleType", bound=nn.Module)
+
+# Dotted class names that checkpoints written before the layers of docs/design.md name, and the
+# public names that replace them (first-stage checkpoints record their class; the rest are kept so
+# that any recorded name resolves).
+MOVED_CLASSES = {
+    "lightning_modules.autoencoder.AutoencoderModule": "lightning_modules.AutoencoderModule",
+    "lightning_modules.autoencoder_kl.KLAutoencoderModule": "lightning_modules.KLAutoencoderModule",
+    "lightning_modules.first_stage.FirstStageModule": "lightning_modules.FirstStageModule",
+    "lightning_modules.diffusion.DiffusionModule": "lightning_modules.DiffusionModule",
+    "lightning_modules.ppo.PPOFinetuneModule": "lightning_modules.PPOFinetuneModule",
+    "lightning_modules.critics.RewardNetworkModule": "lightning_modules.RewardNetworkModule",
+    "lightning_modules.critics.RealismCriticModule": "lightning_modules.RealismCriticModule",
+    "lightning_modules.critics.ClassifierModule": "lightning_modules.ClassifierModule",
+    "datamodules.realism.RealismDataModule": "lightning_modules.RealismDataModule",
+}
 
 
 class UnsafeCheckpointError(ValueError):
@@ -75,3 +99,42 @@ def resume_random_states(checkpoint: dict[str, Any]) -> None:
     """Restore the RNG states a checkpoint carries, if it carries any (an `on_load_checkpoint` hook's job)."""
     if RANDOM_STATES_KEY in checkpoint:
         restore_random_states(checkpoint[RANDOM_STATES_KEY])
+
+
+def resolve_class(class_path: Any, base: type[ModuleType], path: str | Path) -> type[ModuleType]:
+    """The class a checkpoint names (old names through `MOVED_CLASSES`), refused unless it is a `base`."""
+    module_name, _, name = MOVED_CLASSES.get(str(class_path), str(class_path)).rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name, None) if module_name else None
+    except ImportError:
+        found = None
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise ValueError(f"checkpoint {path} names class {class_path!r}, which is not a {base.__name__} "
+                         "(or subclass of it) that this installation provides")
+    return found
+
+
+def public_class_path(model_class: type) -> str:
+    """`lightning_modules.<Name>` where the package exports the class (checkpoints record it), else its module path."""
+    package = importlib.import_module("lightning_modules")
+    if getattr(package, model_class.__name__, None) is model_class:
+        return f"lightning_modules.{model_class.__name__}"
+    return f"{model_class.__module__}.{model_class.__qualname__}"
+
+
+def rebuild_module(model_class: type[ModuleType], arguments: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                   prefix: str = "") -> ModuleType:
+    """`model_class(**arguments)` with the weights under `prefix` of a checkpoint's state dict loaded.
+
+    The one place msrl touches Lightning's private API: LightningCLI hands its own config to every
+    `save_hyperparameters()` called while it builds a module (through `_given_hyperparameters`), so a
+    module rebuilt inside another one (PPO's policy, a latent model's autoencoder) would record the
+    CLI's arguments instead of its own. The context is cleared while the module is built.
+    """
+    token = _given_hyperparameters.set(None)
+    try:
+        model = model_class(**arguments)
+    finally:
+        _given_hyperparameters.reset(token)
+    model.load_state_dict({key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)})
+    return model

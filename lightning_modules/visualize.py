@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-PLANES = ("axial", "coronal", "sagittal")
+from lightning_modules.slices import PLANES, plane_slices
 
 
 def orthogonal_slices(volume: torch.Tensor) -> list[torch.Tensor]:
@@ -22,12 +22,9 @@ def orthogonal_slices(volume: torch.Tensor) -> list[torch.Tensor]:
         Three 2D tensors (axial [H, D], coronal [W, D], sagittal [W, H]), top of the picture =
         anterior (axial) or superior (coronal, sagittal).
     """
-    image = volume[0].float()
-    d, h, w = image.shape
-    axial = image[:, :, w // 2].T.flip(0)
-    coronal = image[:, h // 2, :].T.flip(0)
-    sagittal = image[d // 2, :, :].T.flip(0)
-    return [axial, coronal, sagittal]
+    image = volume[None, :1].float()
+    middle = [torch.tensor([side // 2]) for side in reversed(image.shape[2:])]  # W, H, D: axial, coronal, sagittal
+    return [plane_slices(image, plane, index)[0, 0, 0].T.flip(0) for plane, index in zip(PLANES, middle, strict=True)]
 
 
 def slice_grid(volumes: torch.Tensor) -> torch.Tensor:

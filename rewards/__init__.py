@@ -1,6 +1,10 @@
-"""Rewards for PPO fine-tuning: the contract, the multi-scale composite, rule-based and learned rewards."""
+"""Rewards for PPO fine-tuning: the multi-scale composite, rule-based and learned rewards.
 
-from rewards.base import Reward, score_components
+They build on the reward contract that PPO owns (`Reward`, lightning_modules/ppo/reward.py),
+re-exported here for reward authors.
+"""
+
+from lightning_modules.ppo.reward import Reward, score_components
 from rewards.clinical import ClassifierReward
 from rewards.multiscale import MultiScaleReward
 from rewards.rules import (

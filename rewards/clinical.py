@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewards.base import Reward
+from lightning_modules.ppo.reward import Reward
 
 CLASSIFIER_HOW_TO = "`msrl train-reward -c configs/rewards/classifier.yaml` (its checkpoints/last.ckpt)"
 
@@ -20,7 +20,7 @@ class ClassifierReward(Reward):
 
     def __init__(self, checkpoint: str | None = None, name: str = "classifier") -> None:
         super().__init__(name)
-        from lightning_modules.critics import ClassifierModule
+        from lightning_modules.critics.networks import ClassifierModule
 
         self.classifier = ClassifierModule.load_for_reward(checkpoint, type(self).__name__, CLASSIFIER_HOW_TO)
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rewards.base import Reward, score_components
-from rewards.running import RunningMoments
+from lightning_modules.ppo.reward import Reward, score_components
+from lightning_modules.ppo.running import RunningMoments
 
 
 class MultiScaleReward(Reward):

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from datamodules.base import VolumeDataModule
-from datamodules.preprocessing import foreground_histogram
-from rewards.base import Reward
+from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram
+from lightning_modules.ppo.reward import Reward
 
 
 class InterSliceContinuityReward(Reward):
@@ -22,7 +22,7 @@ class InterSliceContinuityReward(Reward):
         name: log key.
     """
 
-    def __init__(self, background: float = -0.95, name: str = "continuity") -> None:
+    def __init__(self, background: float = FOREGROUND_THRESHOLD, name: str = "continuity") -> None:
         super().__init__(name)
         self.background = background
 
@@ -54,7 +54,8 @@ class HemisphericSymmetryReward(Reward):
         name: log key.
     """
 
-    def __init__(self, classes: list[int] | None = None, background: float = -0.95, name: str = "symmetry") -> None:
+    def __init__(self, classes: list[int] | None = None, background: float = FOREGROUND_THRESHOLD,
+                 name: str = "symmetry") -> None:
         super().__init__(name)
         self.classes, self.background = classes, background
 
@@ -122,7 +123,7 @@ class IntensityHistogramReward(Reward):
         name: log key.
     """
 
-    def __init__(self, data: VolumeDataModule, bins: int = 64, background: float = -0.95,
+    def __init__(self, data: VolumeDataModule, bins: int = 64, background: float = FOREGROUND_THRESHOLD,
                  name: str = "histogram") -> None:
         super().__init__(name)
         self.bins, self.background = bins, background

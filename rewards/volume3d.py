@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewards.base import Reward
+from lightning_modules.ppo.reward import Reward
 from rewards.slice2d import CRITICS_HOW_TO
 
 
@@ -19,7 +19,7 @@ class VolumeCriticReward(Reward):
 
     def __init__(self, checkpoint: str | None = None, name: str = "volume3d") -> None:
         super().__init__(name)
-        from lightning_modules.critics import RealismCriticModule
+        from lightning_modules.critics.networks import RealismCriticModule
 
         self.critic = RealismCriticModule.load_for_reward(checkpoint, type(self).__name__, CRITICS_HOW_TO)
 

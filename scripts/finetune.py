@@ -12,7 +12,7 @@ fabric's LT_ACCELERATOR) into the matching Trainer options, unless they are give
 import os
 import sys
 
-from lightning_modules.cli import main
+from msrl.cli import main
 
 
 def launcher_options(argv: list[str]) -> list[str]:

@@ -60,7 +60,7 @@ def pretrained_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPathF
     import lightning as L
 
     from datamodules import TemplateCohortDataModule
-    from lightning_modules.diffusion import DiffusionModule
+    from lightning_modules.diffusion.module import DiffusionModule
 
     torch.manual_seed(0)
     model = DiffusionModule(in_channels=1, spatial_size=16, num_classes=2, preview_every_n_epochs=0, lr=1e-3,
@@ -85,7 +85,7 @@ def autoencoder_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPath
     import lightning as L
 
     from datamodules import TemplateCohortDataModule
-    from lightning_modules.autoencoder import AutoencoderModule
+    from lightning_modules.first_stage.vqgan import AutoencoderModule
 
     torch.manual_seed(0)
     model = AutoencoderModule(lr=3e-3, **TINY_AUTOENCODER)
@@ -105,7 +105,7 @@ def latent_checkpoint(autoencoder_checkpoint: Path, cohort_cache: Path, tmp_path
     import lightning as L
 
     from datamodules import TemplateCohortDataModule
-    from lightning_modules.diffusion import DiffusionModule
+    from lightning_modules.diffusion.module import DiffusionModule
 
     torch.manual_seed(0)
     # two levels on the 4³ latent (a third would leave 1³, where GroupNorm has one value per channel)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.base import _atomic_save
-from lightning_modules.atomic_output import atomic_folder
+from datamodules.atomic import atomic_folder, atomic_save
 from tests.conftest import REPO, subprocess_env
 
 
@@ -66,7 +65,7 @@ def test_a_killed_evaluation_leaves_the_previous_or_the_new_results(tmp_path: Pa
 def test_a_failing_cache_write_keeps_the_old_file_and_no_temporary(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "subject.pt"
-    _atomic_save({"image": torch.ones(3)}, target)
+    atomic_save({"image": torch.ones(3)}, target)
 
     def broken_save(obj, path):  # writes half a file, then the disk fills up
         Path(path).write_bytes(b"half")
@@ -74,7 +73,7 @@ def test_a_failing_cache_write_keeps_the_old_file_and_no_temporary(tmp_path: Pat
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space"):
-        _atomic_save({"image": torch.zeros(3)}, target)
+        atomic_save({"image": torch.zeros(3)}, target)
     monkeypatch.undo()
     assert torch.equal(torch.load(target, weights_only=True)["image"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["subject.pt"]
@@ -84,7 +83,7 @@ def test_a_failing_cache_write_keeps_the_old_file_and_no_temporary(tmp_path: Pat
 def test_atomic_folder_replaces_on_success_and_keeps_the_previous_on_error(swap: bool, tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The one-call swap (Linux) and the rename-aside fallback (elsewhere) give the same results."""
-    import lightning_modules.atomic_output as atomic_output
+    import datamodules.atomic as atomic_output
 
     if not swap:
         monkeypatch.setattr(atomic_output, "exchange_paths", lambda first, second: False)

@@ -9,9 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import TemplateCohortDataModule
-from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.autoencoder_kl import KLAutoencoderModule
-from lightning_modules.cli import main
+from lightning_modules.first_stage.base import FirstStageModule
+from lightning_modules.first_stage.kl import KLAutoencoderModule
+from lightning_modules.first_stage.vqgan import AutoencoderModule
+from msrl.cli import main
 from tests.conftest import MSRL, REPO, cli_data_args, subprocess_env
 
 TEMPLATE = str(REPO / "configs/autoencoder/template.yaml")
@@ -74,7 +75,7 @@ def test_encode_decode_shapes_and_stored_scale_factor(trained: tuple[Autoencoder
     expected = 1 / all_latents.double().std().item()
     checkpoint = torch.load(path, weights_only=True)
     spec = checkpoint["msrl_autoencoder"]
-    assert spec["class_path"] == "lightning_modules.autoencoder.AutoencoderModule"
+    assert spec["class_path"] == "lightning_modules.AutoencoderModule"
     assert spec["latent_shape"] == [4, 4, 4, 4] and spec["hparams"]["num_embeddings"] == 32
     assert spec["scale_factor"] == pytest.approx(expected, rel=1e-4) and model.scale_factor == spec["scale_factor"]
     assert float(checkpoint["state_dict"]["latent_scale"]) == pytest.approx(expected, rel=1e-4)
@@ -109,7 +110,7 @@ def test_from_msrl_checkpoint_errors_name_the_file(trained: tuple[AutoencoderMod
     with pytest.raises(ValueError, match=f"{pretrained_checkpoint}.*not an msrl autoencoder checkpoint"):
         AutoencoderModule.from_msrl_checkpoint(pretrained_checkpoint)  # a diffusion checkpoint
     checkpoint = torch.load(path, weights_only=True)
-    checkpoint["msrl_autoencoder"]["class_path"] = "lightning_modules.diffusion.DiffusionModule"
+    checkpoint["msrl_autoencoder"]["class_path"] = "lightning_modules.DiffusionModule"
     torch.save(checkpoint, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="DiffusionModule.*not a AutoencoderModule"):
         AutoencoderModule.from_msrl_checkpoint(tmp_path / "foreign.ckpt")
@@ -172,7 +173,7 @@ def test_every_option_trains_in_bf16_and_reloads(model_class: type[AutoencoderMo
     checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=True)
     assert not any("perceptual" in key for key in checkpoint["state_dict"])  # the loss network stays out
     weights.unlink()  # and is not needed to load the autoencoder
-    loaded = AutoencoderModule.from_msrl_checkpoint(tmp_path / "model.ckpt")
+    loaded = FirstStageModule.from_msrl_checkpoint(tmp_path / "model.ckpt")
     assert type(loaded) is model_class and loaded.latent_shape == (4, 4, 4, 4)
     assert loaded.decode_latent(loaded.encode_latent(torch.zeros(1, 1, 16, 16, 16))).shape == (1, 1, 16, 16, 16)
 
@@ -208,7 +209,7 @@ def test_print_config(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["train-autoencoder", "-c", TEMPLATE, "--print_config"])
     printed = capsys.readouterr().out
-    assert "lightning_modules.autoencoder.AutoencoderModule" in printed and "num_embeddings: 256" in printed
+    assert "lightning_modules.AutoencoderModule" in printed and "num_embeddings: 256" in printed
     assert "TemplateCohortDataModule" in printed and "monitor: val/l1" in printed
 
 

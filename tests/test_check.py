@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from datamodules import BraTS2019DataModule, OASIS1DataModule
-from datamodules.check import check
-from lightning_modules.cli import main
+from msrl.cli import main
+from msrl.commands.data import check
 from tests.conftest import REPO, TINY_MODEL_ARGS
 from tests.fake_releases import make_brats, make_oasis
 from tests.test_brats import CASES
@@ -18,7 +18,7 @@ from tests.test_oasis import SUBJECTS
 
 def test_check_prints_counts_and_exits_nonzero_on_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = make_brats(tmp_path / "data", CASES)
-    args = ["data", "check", "-c", str(REPO / "configs/data/brats2019.yaml"), "--data.init_args.root", str(folder),
+    args = ["data", "check", "--data", str(REPO / "configs/data/brats2019.yaml"), "--data.init_args.root", str(folder),
             "--data.init_args.expected_shape", "null", "--data.init_args.cache_dir", str(tmp_path / "cache")]
     main(args)  # a clean tree: no SystemExit
     report = capsys.readouterr().out
@@ -36,11 +36,13 @@ def test_check_prints_counts_and_exits_nonzero_on_errors(tmp_path: Path, capsys:
     assert "BraTS19_2013_0_1_t2.nii.gz: missing modality file" in report
 
 
-def test_check_accepts_a_whole_pretrain_config(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_reads_its_options_from_c(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-c FILE` is a YAML of the verb's own options, as for every verb; `--data` names the data config."""
     monkeypatch.setenv("MSRL_OASIS1_ROOT", str(make_oasis(tmp_path / "oasis", SUBJECTS)))
-    main(["data", "check", "-c", str(REPO / "configs/pretrain/oasis1.yaml"), "--data.init_args.expected_shape",
-          "null"])
+    options = tmp_path / "check.yaml"
+    options.write_text(f"data: {REPO / 'configs/data/oasis1.yaml'}\nread_files: false\n")
+    main(["data", "check", "-c", str(options), "--data.init_args.expected_shape", "null"])
     assert "OASIS1DataModule: 5 subjects found, 5 usable" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.cli import main
+from msrl.cli import main
 from tests.conftest import REPO, TINY_MODEL_ARGS, cli_data_args
 
 TEMPLATE = str(REPO / "configs/pretrain/template.yaml")

@@ -7,11 +7,11 @@ import pytest
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules import VolumeDataModule
-from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.cli import AutoencoderCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
-from lightning_modules.critics import RewardNetworkModule
-from lightning_modules.diffusion import DiffusionModule
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.critics.networks import RewardNetworkModule
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.first_stage.vqgan import AutoencoderModule
+from lightning_modules.ppo.module import PPOFinetuneModule
+from msrl.commands.training import AutoencoderCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
 from tests.conftest import REPO
 
 # configs/rewards/multiscale.yaml needs trained critics: tests/test_rewards.py builds it with some.
@@ -76,8 +76,8 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
         assert (cli.model.policy.latent is not None) == latent
         return
     if kind == "evaluate":
-        from evaluation.evaluate_command import build_parser, normalise_argv
-        from evaluation.extractors import FeatureExtractor
+        from msrl.commands.evaluate import build_parser, normalise_argv
+        from msrl.evaluation.extractors import FeatureExtractor
 
         parser = build_parser()
         built = parser.instantiate_classes(parser.parse_args(normalise_argv(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.diffusion.module import DiffusionModule
 from tests.conftest import TINY_MODEL
 
 

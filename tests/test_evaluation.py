@@ -9,10 +9,10 @@ from monai.networks.nets import resnet10
 from torch.utils.tensorboard import SummaryWriter
 
 from datamodules import TemplateCohortDataModule
-from evaluation import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
-from evaluation.evaluate import FeatureCache, distribution_records
-from evaluation.utility import LabelledVolumes, UtilityProtocol
-from lightning_modules.cli import main
+from msrl.cli import main
+from msrl.evaluation import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
+from msrl.evaluation.scores import FeatureCache, distribution_records
+from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
 from tests.conftest import REPO
 
 
@@ -98,8 +98,8 @@ def _evaluate(cache: Path, out: Path, *sources: str) -> None:
           "--data.init_args.test_fraction", "0.25", *sources, "--num-samples", "4", "--steps", "2",
           "--bootstrap", "4", "--kid-subsets", "4", "--ms-ssim-pairs", "4",
           "--utility.channels", "[8,8]", "--utility.epochs", "1", "--utility.seeds", "[0]",
-          "--extractors", '[{"class_path": "evaluation.MedicalNetExtractor"}, '
-                          '{"class_path": "evaluation.SliceExtractor", "init_args": {"depth": 10, '
+          "--extractors", '[{"class_path": "msrl.evaluation.MedicalNetExtractor"}, '
+                          '{"class_path": "msrl.evaluation.SliceExtractor", "init_args": {"depth": 10, '
                           '"slices_per_plane": 2}}]',
           "--out", str(out)])
 
@@ -142,7 +142,7 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
 def test_skip_utility_needs_no_test_split(cohort_cache: Path, pretrained_checkpoint: Path, tmp_path: Path) -> None:
     _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
               "--data.init_args.test_fraction", "0.0", "--skip-utility", "true", "--extractors",
-              '[{"class_path": "evaluation.MedicalNetExtractor"}]')
+              '[{"class_path": "msrl.evaluation.MedicalNetExtractor"}]')
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["data"]["num_test"] is None
     assert not any(r["metric"].startswith("utility/") for r in result["entries"][0]["records"])
@@ -158,7 +158,7 @@ def test_evaluate_refuses_missing_sources_before_any_compute(cohort_cache: Path,
 def test_classifier_extractor_uses_the_classifiers_penultimate_layer(tmp_path: Path) -> None:
     import lightning as L
 
-    from lightning_modules.critics import ClassifierModule
+    from lightning_modules.critics.networks import ClassifierModule
 
     module = ClassifierModule(in_channels=1, spatial_size=16, num_classes=2, channels=(8, 8))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)

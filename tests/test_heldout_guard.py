@@ -7,8 +7,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import TemplateCohortDataModule
-from evaluation import MedicalNetExtractor
-from lightning_modules.heldout_guard import HeldoutFIDGuard, refuse_shared_networks
+from msrl.evaluation import MedicalNetExtractor
+from msrl.evaluation.heldout_guard import HeldoutFIDGuard, refuse_shared_networks
 from tests.test_ppo import _finetune
 
 
@@ -33,10 +33,10 @@ def test_stopping_rule(history: list[tuple[int, float, float]], expected: bool) 
 
 
 def test_guard_logs_heldout_fid_during_ppo(pretrained_checkpoint: Path, cohort_cache: Path, tmp_path: Path) -> None:
-    callbacks = ('[{"class_path": "lightning_modules.heldout_guard.HeldoutFIDGuard", "init_args": {'
+    callbacks = ('[{"class_path": "msrl.evaluation.HeldoutFIDGuard", "init_args": {'
                  '"data": {"class_path": "datamodules.TemplateCohortDataModule", "init_args": {"num_subjects": 8, '
                  f'"spatial_size": 16, "cache_dir": "{cohort_cache}", "val_fraction": 0.25}}}}, '
-                 '"extractor": {"class_path": "evaluation.MedicalNetExtractor"}, "every_n_iterations": 2, '
+                 '"extractor": {"class_path": "msrl.evaluation.MedicalNetExtractor"}, "every_n_iterations": 2, '
                  '"num_samples": 2, "num_steps": 2}}]')
     run = _finetune(pretrained_checkpoint, tmp_path, "--trainer.max_epochs", "1", "--model.iterations_per_epoch", "4",
                     "--trainer.callbacks", callbacks)

@@ -7,11 +7,11 @@ import nibabel as nib
 import pytest
 import torch
 
-from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.cli import main
-from lightning_modules.diffusion import DiffusionModule
-from lightning_modules.ppo import PPOFinetuneModule
-from lightning_modules.sampling import ddim_step_with_logprob, guided_prediction
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.diffusion.sampling import ddim_step_with_logprob, guided_prediction
+from lightning_modules.first_stage.vqgan import AutoencoderModule
+from lightning_modules.ppo.module import PPOFinetuneModule
+from msrl.cli import main
 from tests.test_ppo import BrightnessReward
 
 

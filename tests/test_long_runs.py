@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.ppo.module import PPOFinetuneModule
 from tests.test_ppo import BrightnessReward
 
 

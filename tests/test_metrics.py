@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from evaluation.metrics import (
+from msrl.evaluation.metrics import (
     bootstrap_ci,
     fid,
     fid_from_samples,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.advantages import ClassAdvantageNormaliser, clipped_surrogate
-from lightning_modules.cli import main
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.ppo.advantages import ClassAdvantageNormaliser, clipped_surrogate
+from lightning_modules.ppo.module import PPOFinetuneModule
+from msrl.cli import main
 from rewards import InterSliceContinuityReward
 from tests.conftest import REPO
 

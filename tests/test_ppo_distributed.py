@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.advantages import ClassAdvantageNormaliser
+from lightning_modules.ppo.advantages import ClassAdvantageNormaliser
 from tests.conftest import REPO, subprocess_env
 
 

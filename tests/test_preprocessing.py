@@ -1,4 +1,4 @@
-"""Tests of the shared preprocessing (DESIGN.md §1)."""
+"""Tests of the shared preprocessing (docs/design.md §1)."""
 
 import numpy as np
 import pytest

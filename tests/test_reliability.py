@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from datamodules import TemplateCohortDataModule
-from lightning_modules.cli import main
-from lightning_modules.diffusion import DiffusionModule
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.ppo.module import PPOFinetuneModule
+from msrl.cli import main
 from rewards import InterSliceContinuityReward, SliceCriticReward
 from tests.conftest import REPO, TINY_MODEL, cli_data_args
 
@@ -41,9 +41,9 @@ def test_crafted_pickles_are_refused_and_run_nothing(tmp_path: Path, capsys: pyt
 def test_crafted_weight_files_of_evaluation_and_latent_models_are_refused(
         tmp_path: Path, cohort_cache: Path, capsys: pytest.CaptureFixture) -> None:
     """Feature extractors, the first stage, the perceptual loss and `msrl evaluate`: each path loads weights-only."""
-    from evaluation.extractors import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
-    from lightning_modules.autoencoder import AutoencoderModule
-    from lightning_modules.autoencoder_losses import MedicalNetPerceptualLoss
+    from lightning_modules.first_stage.losses import MedicalNetPerceptualLoss
+    from lightning_modules.first_stage.vqgan import AutoencoderModule
+    from msrl.evaluation.extractors import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
 
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
     torch.save({"state_dict": _Payload(marker)}, evil)

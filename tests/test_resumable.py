@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import TemplateCohortDataModule
 from datamodules.resumable import ResumableLoader
-from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.critics import ClassifierModule
-from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.critics.networks import ClassifierModule
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.first_stage.vqgan import AutoencoderModule
 from tests.conftest import TINY_AUTOENCODER, TINY_MODEL
 
 

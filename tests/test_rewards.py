@@ -7,7 +7,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import TemplateCohortDataModule
-from lightning_modules.cli import main
+from lightning_modules.slices import SliceSampler
+from msrl.cli import main
 from rewards import (
     BrainMaskPlausibilityReward,
     ClassifierReward,
@@ -19,7 +20,7 @@ from rewards import (
     VolumeCriticReward,
     score_components,
 )
-from rewards.slice2d import SliceSampler, aggregate
+from rewards.slice2d import aggregate
 from tests.conftest import REPO
 
 
@@ -45,7 +46,7 @@ def _noise_like(volumes: torch.Tensor) -> torch.Tensor:
 
 
 def _degraded(volumes: torch.Tensor) -> torch.Tensor:
-    from datamodules.realism import mri_artefacts
+    from lightning_modules.critics.realism_data import mri_artefacts
 
     torch.manual_seed(0)
     return torch.stack([mri_artefacts()(v).clamp(-1, 1).float() for v in volumes])

@@ -1,10 +1,10 @@
-"""Tests of `ddim_step_with_logprob` and the trajectory sampler (DESIGN.md §2)."""
+"""Tests of `ddim_step_with_logprob` and the trajectory sampler (docs/design.md §2)."""
 
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from lightning_modules.sampling import ddim_from_training_schedule, ddim_step_with_logprob, sample
+from lightning_modules.diffusion.sampling import ddim_from_training_schedule, ddim_step_with_logprob, sample
 
 SHAPE = (3, 2, 6, 6, 6)
 

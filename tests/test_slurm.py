@@ -8,8 +8,8 @@ import pytest
 from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
 
 from datamodules import VolumeDataModule
-from lightning_modules.cli import MsrlCLI
-from lightning_modules.diffusion import DiffusionModule
+from lightning_modules.diffusion.module import DiffusionModule
+from msrl.commands.training import MsrlCLI
 from tests.conftest import REPO
 
 SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "msrl",

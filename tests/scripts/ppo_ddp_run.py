@@ -8,7 +8,7 @@ import sys
 import lightning as L
 import torch
 
-from lightning_modules.ppo import PPOFinetuneModule
+from lightning_modules.ppo.module import PPOFinetuneModule
 from rewards import MultiScaleReward
 from tests.test_ppo import BrightnessReward
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.cloud_io import _atomic_save as lightning_save
 
-from datamodules.base import _atomic_save as cache_save
-from lightning_modules.atomic_output import atomic_folder
+from datamodules.atomic import atomic_folder
+from datamodules.atomic import atomic_save as cache_save
 
 
 def folder_save(obj: dict, out: Path) -> None:

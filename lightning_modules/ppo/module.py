@@ -1,0 +1,290 @@
+"""`PPOFinetuneModule`: DDPO-style PPO fine-tuning of a pretrained 3D diffusion model (docs/design.md §3).
+
+One training step is one PPO iteration: roll out DDIM trajectories with the current policy
+(keeping every x_t and log-probability), score the final volumes with a reward module,
+normalise the rewards per class across all DDP ranks, then update the policy with the clipped PPO
+objective, recomputing log-probabilities of the stored steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from monai.networks.schedulers import DDIMScheduler
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+
+from datamodules.resumable import ResumableLoader
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.diffusion.sampling import (
+    Trajectory,
+    ddim_step_mean,
+    gaussian_log_prob,
+    guided_prediction,
+    sample,
+)
+from lightning_modules.ppo.advantages import ClassAdvantageNormaliser, clipped_surrogate
+from lightning_modules.ppo.reward import score_components
+from lightning_modules.visualize import slice_grid
+
+
+class PPOFinetuneModule(L.LightningModule):
+    """PPO on the denoising steps of a pretrained `DiffusionModule`, against any reward module.
+
+    Args:
+        init_checkpoint: a checkpoint of `msrl pretrain` (read with weights_only=True).
+        reward: the reward module (contract of `rewards/base.py`), e.g. a `MultiScaleReward`.
+        samples_per_iteration: volumes rolled out per rank and iteration.
+        num_steps: DDIM steps of a rollout.
+        eta: DDIM η of the rollout (> 0: the policy must be stochastic).
+        class_probs: probabilities of the class labels of rollouts (None: uniform).
+        guidance_scale: classifier-free guidance weight of rollouts and updates (1: none).
+        init_from_ema: start the policy from the pretrained EMA weights (else the raw weights).
+        trainable_blocks: prefixes of UNet parameter names to train (None: every weight),
+            e.g. ["up_blocks", "out"].
+        num_inner_epochs: PPO passes over each iteration's samples.
+        timestep_fraction: share of the stochastic denoising steps trained on per inner epoch.
+        micro_batch_size: samples per forward pass in the update; gradients of all chosen steps of a
+            micro-batch accumulate into one optimiser step (DDP syncs only on the last).
+        logprob_reduction: "mean" or "sum" of the per-voxel log-density; the clip range belongs to it.
+        clip_range: PPO's ε (1e-4 fits "mean", as in DDPO; "sum" needs a larger one).
+        adv_clip_max: advantages are clipped to ±this.
+        advantage_mode: "batch" or "running" per-class statistics.
+        kl_coef: weight of the KL to the frozen pretrained model per step (DPOK); 0: no reference.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient-norm clip.
+        ema_decay: EMA of the policy weights (what `msrl sample` uses afterwards).
+        iterations_per_epoch: PPO iterations per Lightning epoch (epochs only pace checkpoints).
+        image_every_n_iterations: log middle slices of the rollout volumes every k iterations.
+        seed: seed of rollouts and update shuffles (with the iteration and rank: resumable).
+        max_nonfinite_steps: an optimiser step with non-finite gradients is skipped and counted
+            (ppo/skipped_steps); this many in a row stop the run.
+    """
+
+    def __init__(
+        self, init_checkpoint: str, reward: nn.Module, samples_per_iteration: int = 4, num_steps: int = 20,
+        eta: float = 1.0, class_probs: Sequence[float] | None = None, guidance_scale: float = 1.0,
+        init_from_ema: bool = True, trainable_blocks: Sequence[str] | None = None, num_inner_epochs: int = 1,
+        timestep_fraction: float = 1.0, micro_batch_size: int = 2,
+        logprob_reduction: Literal["mean", "sum"] = "mean", clip_range: float = 1e-4, adv_clip_max: float = 5.0,
+        advantage_mode: Literal["batch", "running"] = "batch", kl_coef: float = 0.0, lr: float = 1e-5,
+        weight_decay: float = 0.0, max_grad_norm: float = 1.0, ema_decay: float = 0.9, iterations_per_epoch: int = 5,
+        image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5,
+    ) -> None:
+        super().__init__()
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 for PPO (a deterministic step has no log-probability), got {eta}")
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        self.save_hyperparameters(ignore=["reward"])
+        self.automatic_optimization = False
+        self.policy = DiffusionModule.from_msrl_checkpoint(init_checkpoint)
+        if init_from_ema:
+            self.policy.unet.load_state_dict(self.policy.ema.module.state_dict())
+        self.policy.ema = AveragedModel(self.policy.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+                                        use_buffers=True).requires_grad_(False)
+        self.reference = copy.deepcopy(self.policy.unet).requires_grad_(False).eval() if kl_coef > 0 else None
+        self.reward = reward.requires_grad_(False).eval()
+        num_classes = self.policy.hparams.num_classes
+        if class_probs is not None and (len(class_probs) != num_classes or abs(sum(class_probs) - 1) > 1e-6):
+            raise ValueError(f"class_probs must have {num_classes} entries summing to 1, got {list(class_probs)}")
+        self.advantages = ClassAdvantageNormaliser(num_classes, advantage_mode, clip=adv_clip_max)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._skips_in_a_row = 0
+        self._select_trainable(trainable_blocks)
+
+    def _select_trainable(self, prefixes: Sequence[str] | None) -> None:
+        named = list(self.policy.unet.named_parameters())
+        for name, parameter in named:
+            parameter.requires_grad_(prefixes is None or any(name.startswith(p) for p in prefixes))
+        if not any(p.requires_grad for _, p in named):
+            raise ValueError(f"trainable_blocks {list(prefixes or [])} match no UNet parameter; names start with "
+                             f"{sorted({n.split('.')[0] for n, _ in named})}")
+
+    # Lightning plumbing ------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        """One dummy item per iteration and rank (the distributed sampler splits them)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return ResumableLoader(range(self.hparams.iterations_per_epoch * world), batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable UNet weights."""
+        trainable = [p for p in self.policy.unet.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint readable by `msrl sample` like a pretraining one."""
+        checkpoint["msrl_diffusion"] = self.policy.diffusion_spec(prefix="policy.")
+
+    # One PPO iteration -------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Rollout → reward → advantages → clipped-PPO update; logs under ppo/."""
+        times = {}
+        start = self._clock()
+        labels, trajectory, samples = self.rollout()
+        times["rollout"] = self._clock() - start
+        start = self._clock()
+        volumes = self.policy.to_images(samples)  # a latent model's decoder runs here, part of the reward step
+        times["decode"] = self._clock() - start
+        with torch.no_grad():
+            rewards, components = score_components(self.reward, volumes, labels)
+        times["reward"] = self._clock() - start
+        start = self._clock()
+        advantages = self.compute_advantages(rewards, labels)
+        stats = self.update(trajectory, labels, advantages)
+        times["update"] = self._clock() - start
+        self.iteration += 1
+        self._log_iteration(rewards, components, labels, advantages, stats, times, volumes)
+
+    def _clock(self) -> float:
+        """Wall time after the GPU has finished its queued work (CUDA is asynchronous; ppo/time/* must not lie)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def rollout(self) -> tuple[torch.Tensor | None, Trajectory, torch.Tensor]:
+        """Sample `samples_per_iteration` trajectories with the current policy (no grad, eval mode).
+
+        Returns the labels, the trajectory (every x_t and log-probability, in latent space for a
+        latent model) and the final samples (latents or volumes; `policy.to_images` makes volumes).
+        """
+        hp, policy = self.hparams, self.policy
+        generator = torch.Generator(device=self.device).manual_seed(
+            hash((hp.seed, int(self.iteration), self.global_rank)) % 2**62)
+        labels = None
+        if policy.null_class is not None:
+            probs = torch.tensor(hp.class_probs or [1.0] * policy.hparams.num_classes, device=self.device)
+            labels = torch.multinomial(probs, hp.samples_per_iteration, replacement=True, generator=generator)
+        noise = torch.randn((hp.samples_per_iteration, *policy.sample_shape), generator=generator, device=self.device)
+        policy.unet.eval()
+        volumes, trajectory = sample(policy.forward, self.scheduler, noise, labels, num_steps=hp.num_steps, eta=hp.eta,
+                                     guidance_scale=hp.guidance_scale, null_class=policy.null_class,
+                                     generator=generator, return_trajectory=True, reduction=hp.logprob_reduction)
+        policy.unet.train()
+        return labels, trajectory, volumes
+
+    @property
+    def scheduler(self) -> DDIMScheduler:
+        """The DDIM scheduler over the pretrained model's own noise schedule."""
+        if not hasattr(self, "_scheduler"):
+            self._scheduler = self.policy.ddim_scheduler()
+        return self._scheduler
+
+    def compute_advantages(self, rewards: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Normalise per class over the rewards of all ranks; return this rank's share [B]."""
+        every_reward = self.all_gather(rewards).reshape(-1)
+        every_label = None if labels is None else self.all_gather(labels).reshape(-1)
+        advantages = self.advantages(every_reward, every_label)
+        batch = rewards.shape[0]
+        return advantages[self.global_rank * batch : (self.global_rank + 1) * batch]
+
+    def update(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """`num_inner_epochs` clipped-PPO passes; one optimiser step per micro-batch of samples."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        self.scheduler.set_timesteps(hp.num_steps)
+        steps = torch.nonzero(trajectory.stochastic).flatten()  # σ_t > 0 only: the final DDIM step is excluded
+        count = max(1, math.ceil(hp.timestep_fraction * len(steps)))
+        generator = torch.Generator().manual_seed(hash((hp.seed, int(self.iteration), self.global_rank, 1)) % 2**62)
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(hp.num_inner_epochs):
+            order = torch.randperm(len(advantages), generator=generator)
+            chosen = steps[torch.randperm(len(steps), generator=generator)[:count]]
+            for start in range(0, len(order), hp.micro_batch_size):
+                index = order[start : start + hp.micro_batch_size].to(self.device)
+                for position, step in enumerate(chosen.tolist()):
+                    last = position == len(chosen) - 1
+                    with optimizer.toggle_model(sync_grad=last):
+                        loss, stats = self._step_loss(trajectory, labels, advantages, index, step)
+                        self.manual_backward(loss / len(chosen))
+                    for key, value in {**stats, "loss": loss.detach()}.items():
+                        totals.setdefault(key, []).append(value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.policy.unet.parameters() if p.requires_grad], hp.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank decides alike
+                    optimizer.zero_grad(set_to_none=True)
+                    self._skip_step()
+                    continue
+                self._skips_in_a_row = 0
+                totals.setdefault("grad_norm", []).append(grad_norm.detach())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.policy.ema.update_parameters(self.policy.unet)
+        stats = {key: torch.stack(values).float().mean() for key, values in totals.items()}
+        stats["skipped_steps"] = self.skipped_steps.float()
+        return stats
+
+    def _skip_step(self) -> None:
+        """Count a skipped optimiser step; stop after `max_nonfinite_steps` in a row."""
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"PPO gradients were non-finite in {self._skips_in_a_row} optimiser steps in a row (iteration "
+                f"{int(self.iteration)}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
+                "(use bf16-mixed or 32-true), or a clip range / log-prob reduction that do not fit together")
+
+    def _step_loss(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
+                   index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped-PPO loss (+ KL to the pretrained model) of one denoising step of a micro-batch."""
+        hp = self.hparams
+        x_t, x_prev = trajectory.latents[index, step], trajectory.latents[index, step + 1]
+        t = int(trajectory.timesteps[step])
+        timesteps = torch.full((len(index),), t, device=self.device)
+        batch_labels = None if labels is None else labels[index]
+        prediction = self._predict(self.policy.unet, x_t, timesteps, batch_labels)
+        mean, std, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
+        log_prob = gaussian_log_prob(x_prev, mean, std, hp.logprob_reduction)
+        loss, stats = clipped_surrogate(log_prob, trajectory.log_probs[index, step], advantages[index], hp.clip_range)
+        if self.reference is not None:
+            with torch.no_grad():
+                reference = self._predict(self.reference, x_t, timesteps, batch_labels)
+                ref_mean, _, _ = ddim_step_mean(self.scheduler, reference, t, x_t, hp.eta)
+            # KL between two Gaussians of equal σ: ||μ − μ_ref||² / 2σ², reduced like the log-prob.
+            kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1)
+            kl = kl.sum(1) if hp.logprob_reduction == "sum" else kl.mean(1)
+            loss = loss + hp.kl_coef * kl.mean()
+            stats["kl_to_pretrained"] = kl.detach().mean()
+        return loss, stats
+
+    def _predict(self, unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """A UNet's prediction, guided as in the rollout."""
+        conditional = self.policy.null_class is not None
+
+        def model(x_: torch.Tensor, t_: torch.Tensor, y_: torch.Tensor | None) -> torch.Tensor:
+            return unet(x_, t_, class_labels=y_ if conditional else None)
+
+        return guided_prediction(model, x, timesteps, labels, self.hparams.guidance_scale, self.policy.null_class)
+
+    def _log_iteration(self, rewards: torch.Tensor, components: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                       advantages: torch.Tensor, stats: dict[str, torch.Tensor], times: dict[str, float],
+                       volumes: torch.Tensor) -> None:
+        every = self.all_gather(rewards).reshape(-1)
+        metrics = {"ppo/reward/mean": every.mean(), "ppo/reward/std": every.std(unbiased=False),
+                   "ppo/advantage/abs_mean": advantages.abs().mean(), "ppo/iteration": self.iteration.float()}
+        for name, value in components.items():
+            metrics[f"ppo/reward/{name}"] = value.mean()
+        if labels is not None:
+            for k in range(self.policy.hparams.num_classes):
+                if (labels == k).any():
+                    metrics[f"ppo/reward/class_{k}"] = rewards[labels == k].mean()
+        metrics.update({f"ppo/{key}": value for key, value in stats.items()})
+        metrics.update({f"ppo/time/{key}": torch.tensor(value) for key, value in times.items()})
+        self.log("ppo/reward/mean", metrics.pop("ppo/reward/mean"), prog_bar=True, batch_size=1)
+        self.log_dict(metrics, batch_size=1)
+        every_k = self.hparams.image_every_n_iterations
+        if every_k > 0 and int(self.iteration) % every_k == 0 and self.trainer.is_global_zero \
+                and isinstance(self.logger, TensorBoardLogger):
+            self.logger.experiment.add_image("ppo/samples", slice_grid(volumes[:4]), int(self.iteration))

@@ -1,0 +1,62 @@
+"""The `msrl` console script: one verb per job, listed in one table.
+
+Every verb is a module in `msrl.commands` with `main(argv)`. The training verbs are LightningCLI
+runs of YAML configs (`-c` repeatable, `--print_config`); the others parse their options with
+`msrl.commands.command_parser`, whose `-c` likewise reads a YAML of the verb's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+
+# verb: (module:function run with the verb's arguments, one line of help)
+VERBS: dict[str, tuple[str, str]] = {
+    "pretrain": ("msrl.commands.training:run_pretrain", "pretrain a 3D DiffusionModule (LightningCLI fit)"),
+    "train-autoencoder": ("msrl.commands.training:run_train_autoencoder",
+                          "train the 3D VQ-GAN (or KL) first stage of latent diffusion (LightningCLI fit)"),
+    "train-reward": ("msrl.commands.training:run_train_reward",
+                     "train the realism critics or the classifier behind learned rewards (LightningCLI fit)"),
+    "finetune": ("msrl.commands.training:run_finetune",
+                 "PPO fine-tuning of a pretrained model against a reward (LightningCLI fit)"),
+    "sample": ("msrl.commands.sample:main", "draw volumes from a checkpoint into NIfTI files"),
+    "evaluate": ("msrl.commands.evaluate:main",
+                 "FID/KID/MMD, MS-SSIM diversity and downstream utility -> metrics.json/.md"),
+    "report": ("msrl.commands.report:main", "PNG figures + report.md/.html from runs and evaluations"),
+    "data": ("msrl.commands.data:main", "data check --data CONFIG: subjects, labels, splits and every problem"),
+}
+
+
+def usage() -> str:
+    """The top-level help text: one table, a line per verb."""
+    lines = ["usage: msrl VERB [options]   (msrl VERB --help: the verb's options; -c FILE: options from YAML)",
+             "", "verbs:"]
+    lines += [f"  {name:<18} {text}" for name, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `msrl` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    verb, rest = argv[0], argv[1:]
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13, harmless
+    if verb not in VERBS:
+        print(f"msrl: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module_name, _, function = VERBS[verb][0].partition(":")
+    try:
+        getattr(importlib.import_module(module_name), function)(rest)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        if os.environ.get("MSRL_DEBUG"):
+            raise
+        print(f"msrl {verb}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""`msrl report RUN_DIR… --out DIR`: the figures a person would rather look at than read, in one page.
+
+A RUN_DIR is either a training run (TensorBoard events: pretraining losses, PPO reward curves per
+component, held-out FID) or an `msrl evaluate` output (metrics.json with the volumes it was
+computed on). The report draws what it finds and writes report.md and report.html embedding it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ArgumentParser
+
+from datamodules.atomic import atomic_folder
+from msrl.commands.parsing import command_parser
+from msrl.evaluation.figures import curves_figure, histogram_figure, metric_bars, read_scalars, slice_comparison
+from msrl.evaluation.tables import metrics_markdown, summary_rows
+from msrl.samples import read_samples
+
+CURVES = {
+    "reward_curves": (("ppo/reward/", "ppo/heldout_fid"), "PPO: reward per component (raw) and held-out FID"),
+    "ppo_diagnostics": (("ppo/approx_kl", "ppo/clipfrac", "ppo/loss", "ppo/kl"), "PPO diagnostics"),
+    "training_curves": (("train/loss", "val/loss", "val/auroc", "val/l1", "ae/"), "training and validation curves"),
+}
+
+
+def build_parser() -> ArgumentParser:
+    """Options of `msrl report`."""
+    parser = command_parser("msrl report", "Figures and a report page from runs and evaluations.")
+    parser.add_argument("runs", nargs="+", type=str, help="training run folders and/or msrl evaluate output folders")
+    parser.add_argument("--out", type=str, required=True, help="output folder (PNG figures, report.md, report.html)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")
+    return parser
+
+
+def run_label(path: Path) -> str:
+    """`finetune/version_0` for …/runs/finetune/version_0."""
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("version_") else path.name
+
+
+def evaluation_sources(folder: Path, result: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"real": (volumes, labels), <entry name>: …} read back from an evaluation folder."""
+    sources = {}
+    for name, sub in [("real", "real")] + [(e["name"], e["samples_dir"]) for e in result["entries"]]:
+        if (folder / sub / "manifest.csv").is_file():
+            volumes, labels = read_samples(folder / sub)
+            sources[name] = (volumes, labels if labels is not None else torch.zeros(len(volumes), dtype=torch.long))
+    return sources
+
+
+def main(argv: list[str]) -> None:
+    """Collect runs and evaluations, draw every figure, write report.md and report.html atomically."""
+    args = build_parser().parse_args(argv)
+    folders = [Path(r) for r in args.runs]
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"run folder {folder} does not exist")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite true or choose another --out")
+    evaluations = {f: json.loads((f / "metrics.json").read_text()) for f in folders if (f / "metrics.json").is_file()}
+    runs = {run_label(f): read_scalars(f) for f in folders if f not in evaluations}
+    runs = {name: scalars for name, scalars in runs.items() if scalars}
+    if not evaluations and not runs:
+        raise ValueError(f"none of {[str(f) for f in folders]} holds TensorBoard events or a metrics.json")
+    with atomic_folder(out) as staging:
+        sections = draw(staging, runs, evaluations)
+        (staging / "report.md").write_text(report_markdown(sections))
+        (staging / "report.html").write_text(report_html(sections))
+    print(f"wrote {out}/report.html and {out}/report.md with {sum(len(s['figures']) for s in sections)} figures")
+
+
+def draw(folder: Path, runs: dict[str, dict], evaluations: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Draw every figure into `folder`; return the report's sections (title, table, figures with captions)."""
+    sections = []
+    figures = []
+    for stem, (prefixes, title) in CURVES.items():
+        path = curves_figure(runs, prefixes, title, folder / f"{stem}.png")
+        if path is not None:
+            figures.append((path.name, title))
+    if figures:
+        sections.append({"title": "Training runs: " + ", ".join(runs), "table": None, "figures": figures})
+    for index, (source, result) in enumerate(evaluations.items()):
+        prefix = f"eval{index}_"
+        figures = []
+        bars = metric_bars(result, folder / f"{prefix}metrics.png")
+        if bars is not None:
+            figures.append((bars.name, "FID and KID per model and extractor (lower is better)"))
+        sources = evaluation_sources(source, result)
+        labels = sorted({int(label) for _, labels in sources.values() for label in labels.tolist()})
+        for label in labels:
+            path = slice_comparison(sources, label, folder / f"{prefix}slices_class{label}.png")
+            if path is not None:
+                figures.append((path.name, f"class {label}: real vs each model, three planes"))
+        histogram = histogram_figure(sources, folder / f"{prefix}histograms.png")
+        if histogram is not None:
+            figures.append((histogram.name, "foreground intensity histograms, real vs each model"))
+        sections.append({"title": f"Evaluation {source}", "table": summary_rows(result),
+                         "markdown": metrics_markdown(result, summary_only=True), "figures": figures})
+    return sections
+
+
+def report_markdown(sections: list[dict[str, Any]]) -> str:
+    """report.md: one section per run group / evaluation, its summary table and figures."""
+    lines = ["# msrl report", ""]
+    for section in sections:
+        lines += [f"## {section['title']}", ""]
+        if section.get("markdown"):
+            lines += [section["markdown"].split("\n", 2)[-1], ""]
+        for name, caption in section["figures"]:
+            lines += [f"![{caption}]({name})", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+def report_html(sections: list[dict[str, Any]]) -> str:
+    """report.html: the same content as report.md, one self-contained page next to its PNGs."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>msrl report</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
+             "<h1>msrl report</h1>"]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section['title'])}</h2>")
+        if section["table"] is not None:
+            header, rows = section["table"]
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+            parts.append("</table>")
+        for name, caption in section["figures"]:
+            parts.append(f"<figure><img src='{html.escape(name)}'><figcaption>{html.escape(caption)}"
+                         "</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

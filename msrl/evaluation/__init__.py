@@ -1,0 +1,12 @@
+"""Evaluation of generators: feature extractors, FID/KID/MMD/MS-SSIM, downstream utility, tables, figures.
+
+Also the reward-hacking guard of PPO (`HeldoutFIDGuard`), a trainer callback that needs the
+evaluation's extractors and FID, which is why it lives here and not with the models.
+"""
+
+from msrl.evaluation.extractors import ClassifierFeatureExtractor, FeatureExtractor, MedicalNetExtractor, SliceExtractor
+from msrl.evaluation.heldout_guard import HeldoutFIDGuard
+from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
+
+__all__ = ["ClassifierFeatureExtractor", "FeatureExtractor", "HeldoutFIDGuard", "LabelledVolumes",
+           "MedicalNetExtractor", "SliceExtractor", "UtilityProtocol"]

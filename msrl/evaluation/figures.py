@@ -1,0 +1,140 @@
+"""The report's figures: training curves from TensorBoard events, metric bars, slices, histograms.
+
+Every function writes one PNG and returns its path (None when the inputs hold nothing to draw).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram  # noqa: E402
+from lightning_modules.slices import PLANES  # noqa: E402
+from lightning_modules.visualize import orthogonal_slices  # noqa: E402
+from msrl.evaluation.tables import find, main_view  # noqa: E402
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), …]} of every TensorBoard event file under `run_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: sorted(points) for tag, points in scalars.items()}
+
+
+def curves_figure(runs: dict[str, dict[str, list[tuple[int, float]]]], prefixes: tuple[str, ...], title: str,
+                  path: Path) -> Path | None:
+    """One panel per tag starting with any of `prefixes`, one line per run (e.g. ppo/reward/* per component)."""
+    tags = sorted({tag for scalars in runs.values() for tag in scalars if tag.startswith(prefixes)})
+    if not tags:
+        return None
+    columns = min(3, len(tags))
+    rows = -(-len(tags) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for ax, tag in zip(axes.flat, tags, strict=False):
+        for run, scalars in runs.items():
+            if tag in scalars:
+                steps, values = zip(*scalars[tag], strict=True)
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=run)
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tags):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def metric_bars(result: dict[str, Any], path: Path) -> Path | None:
+    """FID (95 % bootstrap CI) and KID (± std over subsets) per source, one column per extractor."""
+    extractors = result["extractors"]
+    if not result["entries"] or not extractors:
+        return None
+    fig, axes = plt.subplots(2, len(extractors), figsize=(4.5 * len(extractors), 6.5), squeeze=False)
+    names = [entry["name"] for entry in result["entries"]]
+    for column, extractor in enumerate(extractors):
+        view = main_view(result, extractor)
+        for row, metric in enumerate(("fid", "kid")):
+            ax = axes[row][column]
+            found = [find(e["records"], metric, extractor=extractor, view=view, **{"class": "all"})
+                     for e in result["entries"]]
+            values = [r["value"] if r else float("nan") for r in found]
+            if metric == "fid":
+                errors = [[max(0.0, v - r["ci95"][0]) if r else 0.0 for v, r in zip(values, found, strict=True)],
+                          [max(0.0, r["ci95"][1] - v) if r else 0.0 for v, r in zip(values, found, strict=True)]]
+            else:
+                errors = [(r["std"] or 0.0) if r else 0.0 for r in found]
+            ax.bar(range(len(names)), values, yerr=errors, capsize=4, color=f"C{row}")
+            ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+            ax.set_title(f"{metric.upper()} ({view}) — {extractor}", fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("lower is better; FID bars: 95 % bootstrap interval, KID bars: std over subsets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def slice_comparison(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], label: int, path: Path,
+                     per_source: int = 2) -> Path | None:
+    """Rows: real, then each model; columns: axial/coronal/sagittal middle slices of `per_source` volumes of a class."""
+    rows = {name: volumes[labels == label][:per_source] for name, (volumes, labels) in sources.items()}
+    rows = {name: volumes for name, volumes in rows.items() if len(volumes)}
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 3 * per_source, figsize=(2.0 * 3 * per_source, 2.1 * len(rows)),
+                             squeeze=False)
+    for r, (name, volumes) in enumerate(rows.items()):
+        for v in range(per_source):
+            slices = orthogonal_slices(volumes[v]) if v < len(volumes) else [None] * 3
+            for p, image in enumerate(slices):
+                ax = axes[r][3 * v + p]
+                if image is not None:
+                    ax.imshow(image.numpy(), cmap="gray", vmin=-1, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"{PLANES[p]} #{v + 1}", fontsize=8)
+                if 3 * v + p == 0:
+                    ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(f"class {label}: real vs generated (middle slices)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def histogram_figure(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, bins: int = 64,
+                     background: float = FOREGROUND_THRESHOLD) -> Path | None:
+    """Mean foreground intensity histogram of each source (real and every model) on one axis."""
+    if not sources:
+        return None
+    centres = torch.linspace(-1, 1, bins + 1)[:-1] + 1 / bins
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (volumes, _) in sources.items():
+        mean = torch.stack([foreground_histogram(v, bins, background) for v in volumes]).mean(0)
+        ax.plot(centres.numpy(), mean.numpy(), label=name, linewidth=2 if name == "real" else 1)
+    ax.set_xlabel("intensity (normalised to [-1, 1])")
+    ax.set_ylabel("share of foreground voxels")
+    ax.set_title("foreground intensity histograms")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

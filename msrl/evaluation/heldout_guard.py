@@ -1,0 +1,132 @@
+"""Reward-hacking guard for PPO: FID on held-out real volumes with an extractor the reward does not use.
+
+A policy can raise a learned reward by exploiting its networks instead of by looking more like
+real MRI. Every k iterations this callback samples a fixed set of volumes (fixed noise, DDIM η = 0,
+EMA weights), computes their FID against held-out real volumes with an independent extractor, and
+logs it as `ppo/heldout_fid`. With `early_stop_on_heldout`, PPO stops when the FID has worsened
+`patience` evaluations in a row while the reward rose over the same evaluations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+
+from datamodules.base import VolumeDataModule
+from msrl.evaluation.extractors import FeatureExtractor
+from msrl.evaluation.metrics import fid
+
+log = logging.getLogger(__name__)
+
+
+class HeldoutFIDGuard(L.Callback):
+    """Log `ppo/heldout_fid` every `every_n_iterations` PPO iterations; optionally stop on reward hacking.
+
+    Args:
+        data: the data module whose held-out split is the real reference (e.g. `../data/template.yaml`).
+        extractor: feature extractor for the FID; must share no network with the reward.
+        every_n_iterations: k, iterations between evaluations (the first evaluation is before iteration 1).
+        num_samples: volumes generated per evaluation (labels alternate over the classes).
+        num_steps: DDIM steps of those samples (η = 0, fixed noise: only the policy changes them).
+        split: held-out split used as the reference ("val" or "test").
+        early_stop_on_heldout: stop when FID worsens `patience` evaluations in a row while reward rises.
+        patience: m, the number of consecutive worsening evaluations that stops the run.
+        seed: seed of the fixed noise.
+    """
+
+    def __init__(self, data: VolumeDataModule, extractor: FeatureExtractor, every_n_iterations: int = 5,
+                 num_samples: int = 8, num_steps: int = 20, split: str = "val", early_stop_on_heldout: bool = False,
+                 patience: int = 3, seed: int = 1234) -> None:
+        if every_n_iterations < 1 or num_samples < 2 or patience < 1:
+            raise ValueError(f"need every_n_iterations >= 1, num_samples >= 2, patience >= 1; got "
+                             f"{every_n_iterations}, {num_samples}, {patience}")
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test' (held out from training), got {split!r}")
+        self.data, self.extractor, self.every, self.num_samples = data, extractor, every_n_iterations, num_samples
+        self.num_steps, self.split, self.stop, self.patience, self.seed = num_steps, split, early_stop_on_heldout, \
+            patience, seed
+        self.history: list[tuple[int, float, float]] = []  # (iteration, FID, mean reward since the last evaluation)
+        self._rewards: list[float] = []
+        self._real_features: torch.Tensor | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the extractor is independent of the reward; read the held-out real volumes' features."""
+        refuse_shared_networks(self.extractor, pl_module.reward)
+        self.data.prepare_data()
+        self.data.setup("fit")
+        dataset = self.data.datasets[self.split]
+        if len(dataset) < 2:
+            raise ValueError(f"HeldoutFIDGuard: the {self.split} split has {len(dataset)} volumes; need >= 2")
+        size = pl_module.policy.hparams.spatial_size
+        if self.data.spatial_size != size:
+            raise ValueError(f"HeldoutFIDGuard: data spatial_size {self.data.spatial_size} differs from the "
+                             f"model's {size}")
+        volumes = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        self.extractor.to(pl_module.device)
+        self._real_features = self._features(volumes)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Collect the iteration's mean reward; every k iterations evaluate, log and maybe stop."""
+        reward = trainer.callback_metrics.get("ppo/reward/mean")
+        if reward is not None:
+            self._rewards.append(float(reward))
+        iteration = int(pl_module.iteration)
+        if iteration % self.every and iteration != 1:
+            return
+        score = self._evaluate(pl_module)
+        mean_reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
+        self._rewards.clear()
+        self.history.append((iteration, score, mean_reward))
+        for logger in trainer.loggers:  # straight to the loggers: one point per evaluation, not one per step
+            logger.log_metrics({"ppo/heldout_fid": score}, step=trainer.global_step)
+        if self.stop and self.hacking():
+            log.warning("stopping PPO at iteration %d: held-out FID rose %d evaluations in a row (%s) while the "
+                        "reward rose (%s): the policy is likely exploiting the reward", iteration, self.patience,
+                        [round(h[1], 3) for h in self.history[-self.patience - 1:]],
+                        [round(h[2], 3) for h in self.history[-self.patience - 1:]])
+            trainer.should_stop = True
+
+    def hacking(self) -> bool:
+        """FID worse at each of the last `patience` evaluations and reward higher than `patience` evaluations ago."""
+        if len(self.history) <= self.patience:
+            return False
+        recent = self.history[-self.patience - 1:]
+        worse = all(later[1] > earlier[1] for earlier, later in zip(recent, recent[1:], strict=False))
+        return worse and recent[-1][2] > recent[0][2]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluation history (so a resumed run keeps judging the same trend)."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the evaluation history."""
+        self.history = [tuple(h) for h in state_dict.get("history", [])]
+
+    @torch.no_grad()
+    def _evaluate(self, pl_module: L.LightningModule) -> float:
+        """FID of a fixed set of EMA samples against the held-out reference (same on every rank)."""
+        volumes = pl_module.policy.generate(self.num_samples, num_steps=self.num_steps, eta=0.0, seed=self.seed)
+        return fid(self._real_features, self._features(volumes))
+
+    def _features(self, volumes: torch.Tensor) -> torch.Tensor:
+        features = self.extractor.extract(volumes)
+        return features["3d"] if "3d" in features else features["pooled"]
+
+
+def refuse_shared_networks(extractor: torch.nn.Module, reward: torch.nn.Module) -> None:
+    """Raise if any weight tensor of the extractor also appears in the reward (same network, same file)."""
+    reward_tensors: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for parameter in reward.parameters():
+        reward_tensors.setdefault(tuple(parameter.shape), []).append(parameter.detach())
+    for name, parameter in extractor.named_parameters():
+        if parameter.numel() < 64:
+            continue
+        for candidate in reward_tensors.get(tuple(parameter.shape), []):
+            if torch.equal(candidate.cpu(), parameter.detach().cpu()):
+                raise ValueError(f"HeldoutFIDGuard: the extractor {getattr(extractor, 'name', type(extractor))} "
+                                 f"shares weights with the reward ({name}); choose an extractor the reward does not "
+                                 "use, or the guard measures the reward's own opinion")

@@ -1,0 +1,60 @@
+"""Checkpoints written before the layers move still load and compute what they computed then."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules import (
+    AutoencoderModule,
+    ClassifierModule,
+    DiffusionModule,
+    FirstStageModule,
+    KLAutoencoderModule,
+    RealismCriticModule,
+)
+from lightning_modules.checkpoint_io import MOVED_CLASSES, resolve_class
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, torch.Tensor]:
+    return torch.load(LEGACY / "expected.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(("name", "model_class"), [("vqgan", AutoencoderModule), ("kl", KLAutoencoderModule)])
+def test_first_stages_of_before_the_move_load(name: str, model_class: type, expected: dict[str, torch.Tensor]) -> None:
+    checkpoint = torch.load(LEGACY / f"{name}.ckpt", weights_only=True)
+    assert checkpoint["msrl_autoencoder"]["class_path"] in MOVED_CLASSES  # an old dotted name
+    model = FirstStageModule.from_msrl_checkpoint(LEGACY / f"{name}.ckpt")
+    assert type(model) is model_class
+    with torch.no_grad():
+        torch.testing.assert_close(model.reconstruct(expected["input"]), expected[name], rtol=0, atol=0)
+
+
+def test_diffusion_model_of_before_the_move_samples_the_same(expected: dict[str, torch.Tensor]) -> None:
+    model = DiffusionModule.from_msrl_checkpoint(LEGACY / "diffusion.ckpt")
+    torch.testing.assert_close(model.generate(1, num_steps=3, seed=0), expected["diffusion"], rtol=0, atol=0)
+
+
+def test_reward_networks_of_before_the_move_load(expected: dict[str, torch.Tensor]) -> None:
+    critics = RealismCriticModule.load_for_reward(str(LEGACY / "critics.ckpt"), "test", "test")
+    classifier = ClassifierModule.load_for_reward(str(LEGACY / "classifier.ckpt"), "test", "test")
+    with torch.no_grad():
+        torch.testing.assert_close(critics.volume_logits(expected["input"]), expected["critics"], rtol=0, atol=0)
+        torch.testing.assert_close(classifier(expected["input"]), expected["classifier"], rtol=0, atol=0)
+
+
+def test_every_alias_names_an_exported_class() -> None:
+    """Each old name resolves to the class now exported under its new public name."""
+    import importlib
+
+    for old, new in MOVED_CLASSES.items():
+        module, _, name = new.rpartition(".")
+        assert getattr(importlib.import_module(module), name).__name__ == old.rpartition(".")[2]
+    assert resolve_class("lightning_modules.autoencoder.AutoencoderModule", FirstStageModule, "x") is AutoencoderModule
+    with pytest.raises(ValueError, match="not a FirstStageModule"):
+        resolve_class("lightning_modules.diffusion.DiffusionModule", FirstStageModule, "x.ckpt")
