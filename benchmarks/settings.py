@@ -71,7 +71,7 @@ class PPOSize:
 
 @dataclass(frozen=True)
 class Autoencoder:
-    """A VQ-GAN first stage (`lightning_modules.first_stage.vqgan.AutoencoderModule`) of the latent rows.
+    """A VQ-GAN first stage (`lightning_modules.AutoencoderModule`) of the latent rows.
 
     Attributes:
         spatial_size: side S of the [B, 1, S, S, S] volumes it encodes.
@@ -94,8 +94,13 @@ class Autoencoder:
     discriminator_layers: int = 3
 
     def module_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `AutoencoderModule`."""
-        return asdict(self)
+        """Keyword arguments of `AutoencoderModule` (the discriminator's sizes go into its `training`)."""
+        from lightning_modules import FirstStageTraining
+
+        kwargs = asdict(self)
+        training = FirstStageTraining(discriminator_channels=kwargs.pop("discriminator_channels"),
+                                      discriminator_layers=kwargs.pop("discriminator_layers"))
+        return {**kwargs, "training": training}
 
     def latent_label(self) -> str:
         """The latent of one volume, e.g. `8×16³`."""

@@ -17,11 +17,16 @@ from lightning_modules.critics import (
     RewardNetworkModule,
 )
 from lightning_modules.diffusion import DiffusionModule, LatentSpace
-from lightning_modules.first_stage import AutoencoderModule, FirstStageModule, KLAutoencoderModule
+from lightning_modules.first_stage import (
+    AutoencoderModule,
+    FirstStageModule,
+    FirstStageTraining,
+    KLAutoencoderModule,
+)
 from lightning_modules.ppo import PPOFinetuneModule, Reward, score_components
 from lightning_modules.slices import PLANES, SliceSampler
 
 __all__ = ["PLANES", "AutoencoderModule", "ClassifierModule", "DiffusionModule", "FirstStageModule",
-           "KLAutoencoderModule", "LatentSpace", "PPOFinetuneModule", "PooledConvNet", "RealismCriticModule",
-           "RealismDataModule", "Reward", "RewardNetworkModule", "SliceSampler", "StepBoundaryRequeue",
-           "UnsafeCheckpointError", "load_weights", "score_components"]
+           "FirstStageTraining", "KLAutoencoderModule", "LatentSpace", "PPOFinetuneModule", "PooledConvNet",
+           "RealismCriticModule", "RealismDataModule", "Reward", "RewardNetworkModule", "SliceSampler",
+           "StepBoundaryRequeue", "UnsafeCheckpointError", "load_weights", "score_components"]

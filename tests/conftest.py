@@ -75,8 +75,15 @@ def pretrained_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPathF
 
 
 # A VQ-GAN small enough for 16³ (4× down to 4³, 4 latent channels).
-TINY_AUTOENCODER = dict(spatial_size=16, channels=(8, 8), num_res_channels=(8, 8), num_embeddings=32, embedding_dim=4,
-                        discriminator_channels=8, discriminator_layers=2, adversarial_start_step=1000)
+TINY_AUTOENCODER = dict(spatial_size=16, channels=(8, 8), num_res_channels=(8, 8), num_embeddings=32, embedding_dim=4)
+
+
+def tiny_training(**settings: object) -> object:
+    """`FirstStageTraining` of the tiny first stages (8-channel, 2-layer discriminators), with `settings` changed."""
+    from lightning_modules import FirstStageTraining
+
+    return FirstStageTraining(**{"discriminator_channels": 8, "discriminator_layers": 2, "adversarial_start_step": 1000,
+                                 **settings})
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +95,7 @@ def autoencoder_checkpoint(cohort_cache: Path, tmp_path_factory: pytest.TempPath
     from lightning_modules.first_stage.vqgan import AutoencoderModule
 
     torch.manual_seed(0)
-    model = AutoencoderModule(lr=3e-3, **TINY_AUTOENCODER)
+    model = AutoencoderModule(training=tiny_training(lr=3e-3), **TINY_AUTOENCODER)
     data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, batch_size=2)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)

@@ -1,7 +1,8 @@
-"""First stages of latent diffusion: the shared `FirstStageModule`, the VQ-GAN and the KL autoencoder."""
+"""First stages of latent diffusion: `FirstStageModule`, the VQ-GAN, the KL autoencoder, their training settings."""
 
 from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.kl import KLAutoencoderModule
+from lightning_modules.first_stage.settings import FirstStageTraining
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 
-__all__ = ["AutoencoderModule", "FirstStageModule", "KLAutoencoderModule"]
+__all__ = ["AutoencoderModule", "FirstStageModule", "FirstStageTraining", "KLAutoencoderModule"]

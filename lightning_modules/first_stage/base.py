@@ -35,40 +35,34 @@ from lightning_modules.first_stage.losses import (
     random_cubes,
     scale_from_moments,
 )
+from lightning_modules.first_stage.settings import FirstStageTraining, training_arguments
 from lightning_modules.visualize import slice_grid
 
 
 class FirstStageModule(L.LightningModule, ABC):
     """The shared training, validation and checkpointing of a 3D autoencoder for latent diffusion.
 
-    A subclass builds `self.network`, saves its hyper-parameters (the arguments documented on
-    `AutoencoderModule`), calls `setup_training_parts()` and implements the latent hooks below.
+    A subclass builds `self.network`, saves its hyper-parameters (its network's arguments and
+    `training` as a dict), sets `self.settings` to its `FirstStageTraining`, calls
+    `setup_training_parts()` and implements the latent hooks below.
     """
+
+    settings: FirstStageTraining
 
     regulariser_name = "train/regulariser"  # what the latent regulariser is logged as
 
     def setup_training_parts(self) -> None:
         """What VQ and KL variants share: discriminators, losses, metrics and the latent-scale buffers."""
-        hp = self.hparams
-        factor = 2 ** hp.downsample_levels
-        for key in ("spatial_size", "train_crop_size"):
-            if hp[key] is not None and (hp[key] % factor or hp[key] <= 0):
-                raise ValueError(f"{key}={hp[key]} must be a positive multiple of 2^downsample_levels = {factor}")
-        side = hp.spatial_size if hp.train_crop_size is None else hp.train_crop_size
-        if side > hp.spatial_size or side < 3 * 2 ** hp.discriminator_layers:
-            raise ValueError(f"the training volumes' side ({side}, train_crop_size or spatial_size) must be at most "
-                             f"spatial_size={hp.spatial_size} and at least 3·2^discriminator_layers = "
-                             f"{3 * 2 ** hp.discriminator_layers} (smaller leaves the PatchGAN no patch)")
-        if hp.adversarial_criterion not in ("hinge", "least_squares"):
-            raise ValueError(f"adversarial_criterion must be 'hinge' or 'least_squares', got "
-                             f"{hp.adversarial_criterion!r}")
+        hp, settings = self.hparams, self.settings
+        settings.check(hp.spatial_size, hp.downsample_levels)
         self.automatic_optimization = False
-        self.discriminators = Discriminators(hp.in_channels, hp.discriminator_channels, hp.discriminator_layers,
-                                             hp.slice_discriminator, hp.slices_per_plane)
-        self.adversarial_loss = PatchAdversarialLoss(criterion=hp.adversarial_criterion)
+        self.discriminators = Discriminators(hp.in_channels, settings.discriminator_channels,
+                                             settings.discriminator_layers, settings.slice_discriminator,
+                                             settings.slices_per_plane)
+        self.adversarial_loss = PatchAdversarialLoss(criterion=settings.adversarial_criterion)
         # A tuple hides the frozen loss network from the state dict (see MedicalNetPerceptualLoss).
-        self._perceptual = (() if hp.perceptual_weights_path is None else
-                            (MedicalNetPerceptualLoss(hp.perceptual_weights_path, hp.perceptual_network),))
+        self._perceptual = (() if settings.perceptual_weights_path is None else
+                            (MedicalNetPerceptualLoss(settings.perceptual_weights_path, settings.perceptual_network),))
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         self.register_buffer("latent_scale", torch.ones(()))  # `scale_factor`; saved in every checkpoint
@@ -123,25 +117,25 @@ class FirstStageModule(L.LightningModule, ABC):
     # Training ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One autoencoder step, then (once the adversarial term is on) one discriminator step."""
-        images, hp = batch["image"], self.hparams
-        if hp.train_crop_size is not None:
-            images = random_cubes(images, hp.train_crop_size, 2 ** hp.downsample_levels)
+        images, settings = batch["image"], self.settings
+        if settings.train_crop_size is not None:
+            images = random_cubes(images, settings.train_crop_size, 2 ** self.hparams.downsample_levels)
         generator_optimizer, discriminator_optimizer = self.optimizers()
-        adversarial = int(self.training_steps) >= hp.adversarial_start_step
+        adversarial = int(self.training_steps) >= settings.adversarial_start_step
         self.toggle_optimizer(generator_optimizer)
         reconstruction, regulariser, latents = self.autoencode(images)
-        if hp.train_crop_size is None:
+        if settings.train_crop_size is None:
             self.latent_sums += latent_moments(latents)
         l1 = F.l1_loss(reconstruction.float(), images.float())
         loss = l1 + regulariser
         logs = {"train/l1": l1, self.regulariser_name: regulariser}
         if self._perceptual:
             perceptual = self._perceptual[0].to(images.device)(reconstruction.float(), images.float())
-            loss, logs["train/perceptual"] = loss + hp.perceptual_weight * perceptual, perceptual
+            loss, logs["train/perceptual"] = loss + settings.perceptual_weight * perceptual, perceptual
         if adversarial:
             fooling = self.adversarial_loss(self.discriminators(reconstruction), target_is_real=True,
                                             for_discriminator=False)
-            loss, logs["train/generator_adversarial"] = loss + hp.adversarial_weight * fooling, fooling
+            loss, logs["train/generator_adversarial"] = loss + settings.adversarial_weight * fooling, fooling
         self._step(generator_optimizer, loss)
         if adversarial:
             self.toggle_optimizer(discriminator_optimizer)
@@ -158,18 +152,19 @@ class FirstStageModule(L.LightningModule, ABC):
     def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
-        if self.hparams.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
+        if self.settings.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.settings.gradient_clip_val,
                                 gradient_clip_algorithm="norm")
         optimizer.step()
         self.untoggle_optimizer(optimizer)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """AdamW for the autoencoder, AdamW for the discriminators (in that order)."""
-        hp = self.hparams
+        settings = self.settings
         generator = [p for p in self.network.parameters() if p.requires_grad]  # not the EMA codebook
-        return [torch.optim.AdamW(generator, lr=hp.lr, betas=tuple(hp.betas)),
-                torch.optim.AdamW(self.discriminators.parameters(), lr=hp.discriminator_lr, betas=tuple(hp.betas))]
+        betas = tuple(settings.betas)
+        return [torch.optim.AdamW(generator, lr=settings.lr, betas=betas),
+                torch.optim.AdamW(self.discriminators.parameters(), lr=settings.discriminator_lr, betas=betas)]
 
     # Latent scale: from this epoch's training latents, or the validation volumes' with cubes ---------
     def on_train_epoch_start(self) -> None:
@@ -178,7 +173,7 @@ class FirstStageModule(L.LightningModule, ABC):
 
     def on_train_epoch_end(self) -> None:
         """Store 1/std of this epoch's training latents (before the epoch's checkpoint is written)."""
-        if self.hparams.train_crop_size is None:
+        if self.settings.train_crop_size is None:
             self.store_scale_factor(self.latent_sums)
         self.log("ae/scale_factor", self.scale_factor, batch_size=1, sync_dist=True)
 
@@ -191,7 +186,7 @@ class FirstStageModule(L.LightningModule, ABC):
     # Validation ----------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         """Store the scale factor, so that a checkpoint written after this validation carries it."""
-        if self.hparams.train_crop_size is None:
+        if self.settings.train_crop_size is None:
             self.store_scale_factor(self.latent_sums)
         self.val_latent_sums.zero_()
 
@@ -208,13 +203,13 @@ class FirstStageModule(L.LightningModule, ABC):
         self.log("val/psnr", self.val_psnr, batch_size=size)
         self.log("val/ssim", self.val_ssim, batch_size=size)
         if batch_idx == 0:
-            count = self.hparams.preview_num_samples
+            count = self.settings.preview_num_samples
             self._preview = torch.stack([images[:count], reconstruction[:count]], 1).flatten(0, 1)
 
     def on_validation_epoch_end(self) -> None:
         """Codebook health, real-vs-reconstructed middle slices (rows alternate), and with cubes the scale."""
         self.log_latent_health()
-        if self.hparams.train_crop_size is not None and not self.trainer.sanity_checking:
+        if self.settings.train_crop_size is not None and not self.trainer.sanity_checking:
             self.store_scale_factor(self.val_latent_sums)
         preview, self._preview = self._preview, None
         if (preview is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero
@@ -257,6 +252,7 @@ class FirstStageModule(L.LightningModule, ABC):
             raise ValueError(f"checkpoint {path} is not an msrl autoencoder checkpoint (no msrl_autoencoder "
                              "entry; msrl train-autoencoder writes one)")
         model_class = resolve_class(spec.get("class_path"), cls, path)
-        model = rebuild_module(model_class, {**spec["hparams"], "perceptual_weights_path": None},
-                               checkpoint["state_dict"])
+        # the perceptual loss network is a training aid: not rebuilt (its file need not exist)
+        arguments = training_arguments(spec["hparams"], perceptual_weights_path=None)
+        model = rebuild_module(model_class, arguments, checkpoint["state_dict"])
         return model.eval().requires_grad_(False)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from monai.networks.nets import AutoencoderKL
 
 from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.losses import constructor_arguments
+from lightning_modules.first_stage.settings import DEFAULT_TRAINING, FirstStageTraining
 
 
 class KLAutoencoderModule(FirstStageModule):
@@ -17,7 +17,8 @@ class KLAutoencoderModule(FirstStageModule):
 
     Chosen by `class_path: lightning_modules.KLAutoencoderModule`; a sibling of the VQ-GAN
     `AutoencoderModule` under `FirstStageModule`, it trains, logs, checkpoints and reloads like it
-    (the VQ-GAN's docstring describes the shared arguments). `encode_latent` returns the posterior
+    (in_channels, spatial_size and num_classes as there; `training` is the shared
+    `FirstStageTraining`). `encode_latent` returns the posterior
     mean, so latents are deterministic and can be cached.
 
     Args:
@@ -28,6 +29,8 @@ class KLAutoencoderModule(FirstStageModule):
         latent_channels: channels of the latent.
         attention: self-attention in the encoder's and decoder's middle blocks (costly at 3D sizes).
         kl_weight: weight of KL(q(z|x) ‖ N(0, I)), summed over latent elements, averaged over the batch.
+        downsample_levels: stride-2 levels: 2 shrinks each side 4×.
+        training: how it is trained (losses, discriminators, optimisers, crops): `FirstStageTraining`.
     """
 
     regulariser_name = "train/kl"
@@ -44,26 +47,12 @@ class KLAutoencoderModule(FirstStageModule):
         attention: bool = False,
         kl_weight: float = 1e-6,
         downsample_levels: int = 2,
-        adversarial_weight: float = 0.01,
-        adversarial_criterion: Literal["hinge", "least_squares"] = "least_squares",
-        adversarial_start_step: int = 1000,
-        discriminator_channels: int = 32,
-        discriminator_layers: int = 3,
-        slice_discriminator: bool = False,
-        slices_per_plane: int = 4,
-        perceptual_weights_path: str | None = None,
-        perceptual_network: str = "resnet10",
-        perceptual_weight: float = 0.1,
-        lr: float = 2e-4,
-        discriminator_lr: float = 2e-4,
-        betas: Sequence[float] = (0.5, 0.9),
-        gradient_clip_val: float | None = 1.0,
-        train_crop_size: int | None = None,
-        preview_num_samples: int = 2,
+        training: FirstStageTraining = DEFAULT_TRAINING,
     ) -> None:
         arguments = constructor_arguments(locals())
         super().__init__()
-        self.save_hyperparameters(arguments)
+        self.save_hyperparameters({**arguments, "training": training.as_dict()})
+        self.settings = training
         if len(channels) != downsample_levels + 1:
             raise ValueError(f"channels {tuple(channels)} needs downsample_levels + 1 = {downsample_levels + 1} "
                              "entries (AutoencoderKL's first level keeps the resolution)")

@@ -10,7 +10,6 @@ are shared with every first stage in lightning_modules/first_stage.py. `KLAutoen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from monai.networks.nets import VQVAE
@@ -22,6 +21,7 @@ from lightning_modules.first_stage.losses import (
     constructor_arguments,
     restart_dead_codes,
 )
+from lightning_modules.first_stage.settings import DEFAULT_TRAINING, FirstStageTraining
 
 
 class AutoencoderModule(FirstStageModule):
@@ -48,26 +48,7 @@ class AutoencoderModule(FirstStageModule):
         dead_code_restart: move codes that no encoder output used onto encoder outputs (fights collapse).
         dead_code_threshold: a code used by fewer latent vectors than this since the last check is dead.
         dead_code_interval: training steps between dead-code checks.
-        adversarial_weight: weight of the generator's adversarial loss.
-        adversarial_criterion: "hinge" or "least_squares" (MONAI `PatchAdversarialLoss`).
-        adversarial_start_step: training steps of reconstruction alone before the discriminators join.
-        discriminator_channels: channels of the first discriminator layer.
-        discriminator_layers: strided layers of each discriminator.
-        slice_discriminator: add a 2D discriminator on random slices of the three planes.
-        slices_per_plane: slices per plane and volume for the slice discriminator.
-        perceptual_weights_path: local MedicalNet weights for a perceptual loss; None turns it off.
-        perceptual_network: the ResNet depth of that file ("resnet10", "resnet50", …).
-        perceptual_weight: weight of the perceptual loss.
-        lr: AdamW learning rate of the autoencoder.
-        discriminator_lr: AdamW learning rate of the discriminators.
-        betas: AdamW betas of both (GAN practice: a low β1).
-        gradient_clip_val: clip each optimiser's gradient norm to this (None: no clipping).
-        train_crop_size: train on random cubes of this side (a multiple of 2^downsample_levels) instead
-            of whole volumes: the networks are convolutional, and a 32³ cube of a 64³ volume costs an
-            eighth of its step. None trains on whole volumes; validation always uses them. Cubes
-            oversample the brain (their latents' std was 1.4× the whole volumes' on the template), so
-            with cubes the scale factor comes from the whole validation volumes' latents.
-        preview_num_samples: validation volumes shown next to their reconstructions in TensorBoard.
+        training: how it is trained (losses, discriminators, optimisers, crops): `FirstStageTraining`.
     """
 
     regulariser_name = "train/codebook_loss"  # what the latent regulariser is logged as
@@ -88,26 +69,12 @@ class AutoencoderModule(FirstStageModule):
         dead_code_restart: bool = True,
         dead_code_threshold: float = 1.0,
         dead_code_interval: int = 20,
-        adversarial_weight: float = 0.01,
-        adversarial_criterion: Literal["hinge", "least_squares"] = "least_squares",
-        adversarial_start_step: int = 1000,
-        discriminator_channels: int = 32,
-        discriminator_layers: int = 3,
-        slice_discriminator: bool = False,
-        slices_per_plane: int = 4,
-        perceptual_weights_path: str | None = None,
-        perceptual_network: str = "resnet10",
-        perceptual_weight: float = 0.1,
-        lr: float = 2e-4,
-        discriminator_lr: float = 2e-4,
-        betas: Sequence[float] = (0.5, 0.9),
-        gradient_clip_val: float | None = 1.0,
-        train_crop_size: int | None = None,
-        preview_num_samples: int = 2,
+        training: FirstStageTraining = DEFAULT_TRAINING,
     ) -> None:
         arguments = constructor_arguments(locals())
         super().__init__()
-        self.save_hyperparameters(arguments)
+        self.save_hyperparameters({**arguments, "training": training.as_dict()})
+        self.settings = training
         if len(channels) != downsample_levels:
             raise ValueError(f"channels {tuple(channels)} needs one entry per stride-2 level "
                              f"(downsample_levels={downsample_levels})")

@@ -6,6 +6,7 @@ Each is a LightningCLI `fit` run of YAML configs under `configs/` (components ch
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -137,23 +138,53 @@ def run_pretrain(argv: list[str]) -> None:
             parser_kwargs={"prog": "msrl pretrain"})
 
 
+TRAINING_KEY = "--model.init_args.training."  # a first stage's FirstStageTraining settings on the command line
+
+
+def null_training_settings(argv: list[str]) -> list[str]:
+    """`--model.init_args.training.KEY null` (or `=null`) as `--model.init_args.training {"KEY": null}`.
+
+    jsonargparse 4.53 cannot set a field of a dataclass inside a subclass's init_args to null from
+    the command line (it rejects None for `int | None` and turns it into the string "None" for
+    `str | None`); the dict form merges into the other settings and works. Other values pass as given.
+    """
+    out: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        flag, equals, value = argument.partition("=")
+        if not flag.startswith(TRAINING_KEY):
+            out.append(argument)
+            continue
+        value = value if equals else next(arguments, "")
+        if value in ("null", "None"):
+            out += [TRAINING_KEY[:-1], json.dumps({flag[len(TRAINING_KEY):]: None})]
+        else:
+            out += [flag, value]
+    return out
+
+
 class AutoencoderCLI(MsrlCLI):
     """`msrl train-autoencoder`: the best checkpoint has the lowest val/l1; the module clips its own gradients."""
 
     monitor, mode = "val/l1", "min"
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, with null training settings passed in the form jsonargparse accepts."""
+        super().parse_arguments(parser, null_training_settings(list(args)) if isinstance(args, list) else args)
+
     def before_instantiate_classes(self) -> None:
         """Set aside a shared trainer file's gradient_clip_val: Lightning cannot clip manual optimisation.
 
-        The module clips both optimisers itself (model.init_args.gradient_clip_val); a differing
-        trainer value is reported rather than silently lost.
+        The module clips both optimisers itself (model.init_args.training.gradient_clip_val); a
+        differing trainer value is reported rather than silently lost.
         """
         super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer_clip, model_clip = config.trainer.gradient_clip_val, config.model.init_args.get("gradient_clip_val")
+        training = config.model.init_args.get("training")
+        trainer_clip, model_clip = config.trainer.gradient_clip_val, getattr(training, "gradient_clip_val", None)
         if trainer_clip is not None and trainer_clip != model_clip:
             warnings.warn(f"trainer.gradient_clip_val={trainer_clip} is ignored: the autoencoder clips with "
-                          f"model.init_args.gradient_clip_val={model_clip}", stacklevel=2)
+                          f"model.init_args.training.gradient_clip_val={model_clip}", stacklevel=2)
         config.trainer.gradient_clip_val = None
 
 

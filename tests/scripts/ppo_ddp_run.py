@@ -1,4 +1,4 @@
-"""Two-process DDP PPO run for tests/test_ppo_distributed.py; Lightning's launcher re-runs this file.
+"""Two-process DDP PPO run for tests/lightning_modules/test_ppo_distributed.py; Lightning's launcher re-runs this file.
 
 Usage: python ppo_ddp_run.py PRETRAINED_CKPT OUT_DIR. Each rank saves what it computed.
 """
@@ -10,7 +10,7 @@ import torch
 
 from lightning_modules.ppo.module import PPOFinetuneModule
 from rewards import MultiScaleReward
-from tests.test_ppo import BrightnessReward
+from tests.lightning_modules.test_ppo import BrightnessReward
 
 
 class RecordingPPO(PPOFinetuneModule):

@@ -1,4 +1,4 @@
-"""Overwrite one file with ~64 MB checkpoints forever, the way msrl writes (for tests/test_atomic.py).
+"""Overwrite one file with ~64 MB checkpoints forever, the way msrl writes (for tests/datamodules/test_atomic.py).
 
 Usage: python write_forever.py PATH {lightning,cache,folder}
 ("folder": PATH is an output folder of metrics.json + a volume, written like `msrl evaluate` does.)

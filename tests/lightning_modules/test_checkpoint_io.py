@@ -17,7 +17,7 @@ from lightning_modules import (
 )
 from lightning_modules.checkpoint_io import MOVED_CLASSES, resolve_class
 
-LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
+LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy"
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def test_fabric_run_starts_a_two_process_finetune(pretrained_checkpoint: Path, t
     command = [fabric, "run", "--accelerator", "cpu", "--devices", "2", str(REPO / "scripts/finetune.py"),
                "-c", str(REPO / "configs/finetune/template.yaml"),
                "--model.init_checkpoint", str(pretrained_checkpoint),
-               "--model.reward", "tests.test_ppo.BrightnessReward", "--model.num_steps", "5",
+               "--model.reward", "tests.lightning_modules.test_ppo.BrightnessReward", "--model.num_steps", "5",
                "--model.iterations_per_epoch", "2", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
                "false", "--trainer.callbacks", "[]",  # the config's held-out FID guard reads 32³ data
                "--trainer.logger.init_args.save_dir", str(tmp_path)]

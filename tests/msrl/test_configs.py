@@ -9,15 +9,27 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from datamodules import VolumeDataModule
 from lightning_modules.critics.networks import RewardNetworkModule
 from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 from lightning_modules.ppo.module import PPOFinetuneModule
 from msrl.commands.training import AutoencoderCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
 from tests.conftest import REPO
 
-# configs/rewards/multiscale.yaml needs trained critics: tests/test_rewards.py builds it with some.
+# configs/rewards/multiscale.yaml needs trained critics: tests/rewards/test_rewards.py builds it with some.
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "multiscale.yaml")
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
           "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
+
+
+def _config_args(config: Path) -> list[str]:
+    """`-c` for a config, stacked as users run it: a data set's file after its stage's base.yaml (and base.yaml
+    with brats2019.yaml, whose data it lacks)."""
+    base = config.parent / "base.yaml"
+    if config.name == "base.yaml":
+        return ["-c", str(config), "-c", str(config.parent / "brats2019.yaml")]
+    if base.is_file():
+        return ["-c", str(base), "-c", str(config)]
+    return ["-c", str(config)]
 
 
 def _instantiate(args: list[str], tmp_path: Path) -> MsrlCLI:
@@ -42,7 +54,7 @@ def autoencoders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, in
 
 def _instantiate_finetune(config: Path, checkpoint: Path, tmp_path: Path) -> FinetuneCLI:
     return FinetuneCLI(PPOFinetuneModule, datamodule_class=None, run=False, auto_configure_optimizers=False,
-                       args=["-c", str(config), "--model.init_checkpoint", str(checkpoint), *ON_CPU,
+                       args=[*_config_args(config), "--model.init_checkpoint", str(checkpoint), *ON_CPU,
                              "--model.reward", "rewards.InterSliceContinuityReward",
                              "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
@@ -51,7 +63,7 @@ def _arguments_for(config: Path) -> list[str]:
     kind = config.relative_to(REPO / "configs").parts[0]
     template = str(REPO / "configs/pretrain/template.yaml")
     if kind == "pretrain":
-        return ["-c", str(config)]
+        return _config_args(config)
     if kind == "trainer":
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
@@ -92,22 +104,44 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
         assert isinstance(cli.model, RewardNetworkModule) and cli.model.hparams.spatial_size == 32
         return
     if kind == "autoencoder":
-        cli = AutoencoderCLI(AutoencoderModule, VolumeDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        cli = AutoencoderCLI(FirstStageModule, VolumeDataModule, subclass_mode_model=True, subclass_mode_data=True,
                              run=False, auto_configure_optimizers=False,
-                             args=["-c", str(config), *ON_CPU, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+                             args=[*_config_args(config), *ON_CPU, "--trainer.logger.init_args.save_dir",
+                                   str(tmp_path)])
         assert isinstance(cli.model, AutoencoderModule) and cli.trainer.gradient_clip_val is None
+        assert cli.model.settings.gradient_clip_val == 1.0  # the module clips instead
         assert cli.model.hparams.spatial_size == cli.datamodule.spatial_size
         return
     arguments = _arguments_for(config)
     text = config.read_text()
-    if kind == "pretrain" and "autoencoder_checkpoint:" in text:  # latent: the first stage of the data's size
-        size, channels = (64, 1) if "spatial_size: 64" in text else (128, 4 if "brats" in config.name else 1)
+    if kind == "pretrain" and "template" not in config.name:  # latent on a release: 128³, BraTS has 4 sequences
+        arguments += ["--model.autoencoder_checkpoint", str(autoencoders[128, 1 if "oasis" in config.name else 4])]
+    elif kind == "pretrain" and "autoencoder_checkpoint:" in text:  # the latent template: 64³
+        size, channels = 64, 1
         arguments += ["--model.autoencoder_checkpoint", str(autoencoders[size, channels])]
     cli = _instantiate(arguments, tmp_path)
     assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, VolumeDataModule)
     # The data module's shape reaches the model through the CLI's links.
     assert cli.model.hparams.spatial_size == cli.datamodule.spatial_size
     assert cli.model.hparams.in_channels == cli.datamodule.num_channels
+
+
+def test_a_data_set_file_holds_only_what_differs_from_its_base() -> None:
+    """configs/<stage>/brats2019.yaml and oasis1.yaml are short: the shared settings are in base.yaml once."""
+    for stage in ("autoencoder", "pretrain", "finetune"):
+        base = "\n".join(line for line in (REPO / "configs" / stage / "base.yaml").read_text().splitlines()
+                         if not line.startswith("#"))
+        for name in ("brats2019", "oasis1"):
+            keys = [line for line in (REPO / "configs" / stage / f"{name}.yaml").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+            assert len(keys) <= 6, (stage, name, keys)
+        assert "brats" not in base.lower() and "oasis" not in base.lower()
+
+
+def test_the_noise_schedule_is_written_once() -> None:
+    """No config repeats the schedule: the code default (with --print_config) is the one place."""
+    for config in (REPO / "configs").rglob("*.yaml"):
+        assert "beta_start" not in config.read_text(), config
 
 
 def test_every_key_is_commented() -> None:

@@ -26,11 +26,12 @@ class BrightnessReward(torch.nn.Module):
 
 def _finetune(checkpoint: Path, runs: Path, *extra: str) -> Path:
     main(["finetune", "-c", TEMPLATE, "--model.init_checkpoint", str(checkpoint),
-          "--model.reward", "tests.test_ppo.BrightnessReward", "--model.num_steps", "10", "--model.lr", "0.001",
+          "--model.reward", "tests.lightning_modules.test_ppo.BrightnessReward", "--model.num_steps", "10",
+          "--model.lr", "0.001",
           # pinned here, whatever the demo config says: the settings this test's margin was measured with
           "--model.samples_per_iteration", "4", "--model.micro_batch_size", "2", "--model.advantage_mode", "batch",
           "--model.timestep_fraction", "1.0",
-          "--trainer.callbacks", "[]",  # the config's held-out FID guard reads 32³ data (tests/test_heldout_guard.py)
+          "--trainer.callbacks", "[]",  # the config's held-out FID guard reads 32³ data (msrl/test_heldout_guard.py)
           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(runs), *extra])
     return runs / "finetune" / "version_0"
 

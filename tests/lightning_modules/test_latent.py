@@ -12,7 +12,7 @@ from lightning_modules.diffusion.sampling import ddim_step_with_logprob, guided_
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 from lightning_modules.ppo.module import PPOFinetuneModule
 from msrl.cli import main
-from tests.test_ppo import BrightnessReward
+from tests.lightning_modules.test_ppo import BrightnessReward
 
 
 def test_latent_model_denoises_latents_and_samples_full_size_volumes(latent_checkpoint: Path,
@@ -82,7 +82,7 @@ def test_latent_ppo_scores_decoded_volumes_and_its_logprobs_match_the_step(laten
 
 
 def test_latent_ppo_runs_an_iteration_through_the_cli(latent_checkpoint: Path, tmp_path: Path) -> None:
-    from tests.test_ppo import _finetune
+    from tests.lightning_modules.test_ppo import _finetune
 
     run = _finetune(latent_checkpoint, tmp_path, "--trainer.max_epochs", "1", "--model.iterations_per_epoch", "1",
                     "--model.num_steps", "3")

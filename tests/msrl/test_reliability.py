@@ -14,6 +14,8 @@ from msrl.cli import main
 from rewards import InterSliceContinuityReward, SliceCriticReward
 from tests.conftest import REPO, TINY_MODEL, cli_data_args
 
+BRATS_PRETRAIN = ["-c", str(REPO / "configs/pretrain/base.yaml"), "-c", str(REPO / "configs/pretrain/brats2019.yaml")]
+
 
 class _Payload:
     """Unpickling this runs a shell command that leaves a marker file."""
@@ -113,11 +115,11 @@ def test_config_errors_stop_before_any_compute(pretrained_checkpoint: Path, tmp_
         assert exit_info.value.code != 0 and named in capsys.readouterr().err
     monkeypatch.delenv("MSRL_BRATS2019_ROOT", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "-c", str(REPO / "configs/pretrain/brats2019.yaml"), "--trainer",
-              str(REPO / "configs/trainer/cpu.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        main(["pretrain", *BRATS_PRETRAIN, "--trainer", str(REPO / "configs/trainer/cpu.yaml"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert exit_info.value.code == 1 and "autoencoder_brats2019" in capsys.readouterr().err  # the latent default
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "-c", str(REPO / "configs/pretrain/brats2019.yaml"), "--model.autoencoder_checkpoint", "null",
+        main(["pretrain", *BRATS_PRETRAIN, "--model.autoencoder_checkpoint", "null",
               "--trainer", str(REPO / "configs/trainer/cpu.yaml"), "--trainer.logger.init_args.save_dir",
               str(tmp_path)])
     assert exit_info.value.code == 1 and "MSRL_BRATS2019_ROOT" in capsys.readouterr().err

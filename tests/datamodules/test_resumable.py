@@ -16,7 +16,7 @@ from datamodules.resumable import ResumableLoader
 from lightning_modules.critics.networks import ClassifierModule
 from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.first_stage.vqgan import AutoencoderModule
-from tests.conftest import TINY_AUTOENCODER, TINY_MODEL
+from tests.conftest import TINY_AUTOENCODER, TINY_MODEL, tiny_training
 
 
 def _epoch(loader: ResumableLoader, epoch: int, stop: int | None = None) -> list[int]:
@@ -93,7 +93,7 @@ def _diffusion() -> L.LightningModule:
 
 
 def _autoencoder() -> L.LightningModule:  # random 12³ crops: the restored RNG must replay them
-    return AutoencoderModule(lr=3e-3, train_crop_size=12, **TINY_AUTOENCODER)
+    return AutoencoderModule(training=tiny_training(lr=3e-3, train_crop_size=12), **TINY_AUTOENCODER)
 
 
 def _classifier() -> L.LightningModule:  # random flips and dropout

@@ -7,7 +7,7 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_modules.ppo.module import PPOFinetuneModule
-from tests.test_ppo import BrightnessReward
+from tests.lightning_modules.test_ppo import BrightnessReward
 
 
 def _resident_bytes() -> int:

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from datamodules import TemplateCohortDataModule
 from msrl.evaluation import MedicalNetExtractor
 from msrl.evaluation.heldout_guard import HeldoutFIDGuard, refuse_shared_networks
-from tests.test_ppo import _finetune
+from tests.lightning_modules.test_ppo import _finetune
 
 
 def _guard(cache: Path | str, **kwargs: object) -> HeldoutFIDGuard:

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import TemplateCohortDataModule
@@ -13,18 +14,17 @@ from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.kl import KLAutoencoderModule
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 from msrl.cli import main
-from tests.conftest import MSRL, REPO, cli_data_args, subprocess_env
+from tests.conftest import MSRL, REPO, cli_data_args, subprocess_env, tiny_training
 
 TEMPLATE = str(REPO / "configs/autoencoder/template.yaml")
 # Tiny networks for 16³ volumes (MONAI's own tests use 8 channels): a 4³×4 latent, 32 codes.
-TINY = dict(spatial_size=16, channels=(8, 8), num_res_channels=(8, 8), num_embeddings=32, embedding_dim=4,
-            discriminator_channels=8, discriminator_layers=2)
-TINY_KL = dict(spatial_size=16, channels=(8, 8, 8), norm_num_groups=4, latent_channels=4, discriminator_channels=8,
-               discriminator_layers=2)
+TINY = dict(spatial_size=16, channels=(8, 8), num_res_channels=(8, 8), num_embeddings=32, embedding_dim=4)
+TINY_KL = dict(spatial_size=16, channels=(8, 8, 8), norm_num_groups=4, latent_channels=4)
 TINY_ARGS = ["--model.init_args.channels", "[8,8]", "--model.init_args.num_res_channels", "[8,8]",
              "--model.init_args.num_embeddings", "32", "--model.init_args.embedding_dim", "4",
-             "--model.init_args.discriminator_channels", "8", "--model.init_args.discriminator_layers", "2",
-             "--model.init_args.train_crop_size", "null"]
+             "--model.init_args.training.discriminator_channels", "8",
+             "--model.init_args.training.discriminator_layers", "2",
+             "--model.init_args.training.train_crop_size", "null"]
 
 
 def _data(cache: Path) -> TemplateCohortDataModule:
@@ -50,7 +50,7 @@ def _val_l1(model: AutoencoderModule, data: TemplateCohortDataModule) -> float:
 def trained(cohort_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[AutoencoderModule, Path]:
     """A tiny VQ-GAN after one epoch at lr 0 (weights fixed, so its latents are known), saved by the trainer."""
     torch.manual_seed(0)
-    model = AutoencoderModule(**TINY, lr=0.0, adversarial_start_step=1)
+    model = AutoencoderModule(**TINY, training=tiny_training(lr=0.0, adversarial_start_step=1))
     trainer = _trainer(max_epochs=1, limit_val_batches=0)
     trainer.fit(model, _data(cohort_cache))
     path = tmp_path_factory.mktemp("ae") / "last.ckpt"
@@ -83,7 +83,7 @@ def test_encode_decode_shapes_and_stored_scale_factor(trained: tuple[Autoencoder
 
 def test_with_cubes_the_scale_comes_from_whole_validation_volumes(cohort_cache: Path) -> None:
     torch.manual_seed(0)
-    model = AutoencoderModule(**TINY, lr=0.0, adversarial_start_step=10, train_crop_size=12)
+    model = AutoencoderModule(**TINY, training=tiny_training(lr=0.0, adversarial_start_step=10, train_crop_size=12))
     data = _data(cohort_cache)
     _trainer(max_epochs=1).fit(model, data)
     with torch.no_grad():
@@ -121,8 +121,8 @@ def test_from_msrl_checkpoint_errors_name_the_file(trained: tuple[AutoencoderMod
 def test_training_lowers_validation_l1(cohort_cache: Path) -> None:
     torch.manual_seed(0)
     data = _data(cohort_cache)
-    model = AutoencoderModule(**TINY, lr=3e-3, betas=(0.9, 0.999), adversarial_start_step=250, dead_code_interval=10,
-                              train_crop_size=12)
+    model = AutoencoderModule(**TINY, dead_code_interval=10, training=tiny_training(
+        lr=3e-3, betas=(0.9, 0.999), adversarial_start_step=250, train_crop_size=12))
     untrained = _val_l1(model, data)
     # 300 steps on 12³ crops, the last 50 adversarial (global_step counts both optimisers' steps then).
     _trainer(max_steps=250 + 2 * 50, limit_val_batches=0).fit(model, data)
@@ -133,8 +133,8 @@ def test_training_lowers_validation_l1(cohort_cache: Path) -> None:
 
 def _codebook_usage_after_collapse(cohort_cache: Path, dead_code_restart: bool) -> float:
     torch.manual_seed(0)
-    model = AutoencoderModule(**TINY, lr=1e-3, adversarial_start_step=10 ** 6, dead_code_restart=dead_code_restart,
-                              dead_code_interval=5)
+    model = AutoencoderModule(**TINY, dead_code_restart=dead_code_restart, dead_code_interval=5,
+                              training=tiny_training(lr=1e-3, adversarial_start_step=10 ** 6))
     quantizer = model.network.quantizer.quantizer
     with torch.no_grad():  # every code far from the encoder's outputs: the nearest one takes all, the rest die
         quantizer.embedding.weight += 20.0
@@ -160,9 +160,9 @@ def test_every_option_trains_in_bf16_and_reloads(model_class: type[AutoencoderMo
 
     network = ResNetFeatures("resnet10", pretrained=False)
     torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, weights)
-    model = model_class(**(TINY if model_class is AutoencoderModule else TINY_KL), adversarial_start_step=0,
-                        adversarial_criterion="hinge", slice_discriminator=True, slices_per_plane=2,
-                        perceptual_weights_path=str(weights), train_crop_size=12)
+    model = model_class(**(TINY if model_class is AutoencoderModule else TINY_KL), training=tiny_training(
+        adversarial_start_step=0, adversarial_criterion="hinge", slice_discriminator=True, slices_per_plane=2,
+        perceptual_weights_path=str(weights), train_crop_size=12))
     trainer = _trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed")
     trainer.fit(model, _data(cohort_cache))
     metrics = trainer.callback_metrics
@@ -180,11 +180,11 @@ def test_every_option_trains_in_bf16_and_reloads(model_class: type[AutoencoderMo
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="perceptual_weights_path .*nothing.pth does not exist"):
-        AutoencoderModule(**TINY, perceptual_weights_path=str(tmp_path / "nothing.pth"))
+        AutoencoderModule(**TINY, training=tiny_training(perceptual_weights_path=str(tmp_path / "nothing.pth")))
     with pytest.raises(ValueError, match="one entry per stride-2 level"):
         AutoencoderModule(**{**TINY, "channels": (8, 8, 8)})
     with pytest.raises(ValueError, match="train_crop_size=6"):
-        AutoencoderModule(**TINY, train_crop_size=6)
+        AutoencoderModule(**TINY, training=tiny_training(train_crop_size=6))
 
 
 def test_cli_trains_logs_and_keeps_the_best_val_l1(cohort_cache: Path, tmp_path: Path) -> None:
@@ -213,12 +213,33 @@ def test_print_config(capsys: pytest.CaptureFixture) -> None:
     assert "TemplateCohortDataModule" in printed and "monitor: val/l1" in printed
 
 
+def test_training_settings_are_one_object_settable_to_null_from_the_command_line(capsys: pytest.CaptureFixture
+                                                                                ) -> None:
+    """`model.init_args.training` holds the shared settings; `KEY null` gives None (not "None"), others merge."""
+    with pytest.raises(SystemExit):
+        main(["train-autoencoder", "-c", TEMPLATE, "--model.init_args.training.train_crop_size", "null",
+              "--model.init_args.training.perceptual_weights_path=null", "--model.init_args.training.lr", "0.01",
+              "--print_config"])
+    training = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["training"]
+    assert training["train_crop_size"] is None and training["perceptual_weights_path"] is None
+    assert training["lr"] == 0.01 and training["discriminator_channels"] == 8  # the rest from the config
+
+
+def test_checkpoints_record_the_settings_as_plain_data(trained: tuple[AutoencoderModule, Path]) -> None:
+    """The settings object is saved as a dict (weights_only loading) and rebuilt as the object."""
+    model, path = trained
+    spec = torch.load(path, weights_only=True)["msrl_autoencoder"]
+    assert isinstance(spec["hparams"]["training"], dict) and spec["hparams"]["training"]["lr"] == 0.0
+    assert FirstStageModule.from_msrl_checkpoint(path).settings == model.settings
+
+
 @pytest.mark.slow
 def test_two_process_ddp_with_discriminators_and_dead_code_restarts(cohort_cache: Path, tmp_path: Path) -> None:
     """Gloo DDP: unused discriminators, summed code counts and broadcast restarts keep the ranks in step."""
     command = [MSRL, "train-autoencoder", "-c", TEMPLATE, *cli_data_args(cohort_cache), *TINY_ARGS,
-               "--model.init_args.train_crop_size", "12", "--model.init_args.adversarial_start_step", "2",
-               "--model.init_args.dead_code_interval", "1", "--model.init_args.slice_discriminator", "true",
+               "--model.init_args.training.train_crop_size", "12",
+               "--model.init_args.training.adversarial_start_step", "2",
+               "--model.init_args.dead_code_interval", "1", "--model.init_args.training.slice_discriminator", "true",
                "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
                "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]

@@ -11,9 +11,9 @@ from datamodules import BraTS2019DataModule, OASIS1DataModule
 from msrl.cli import main
 from msrl.commands.data import check
 from tests.conftest import REPO, TINY_MODEL_ARGS
+from tests.datamodules.test_brats import CASES
+from tests.datamodules.test_oasis import SUBJECTS
 from tests.fake_releases import make_brats, make_oasis
-from tests.test_brats import CASES
-from tests.test_oasis import SUBJECTS
 
 
 def test_check_prints_counts_and_exits_nonzero_on_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -71,14 +71,15 @@ def test_pretrain_runs_on_a_fake_release_through_the_cli(release: str, tmp_path:
         root = make_brats(tmp_path / "data", CASES, doubled=True).parent.parent
     else:
         root = make_oasis(tmp_path / "data", SUBJECTS)
-    main(["pretrain", "-c", str(REPO / f"configs/pretrain/{release}.yaml"),
+    main(["pretrain", "-c", str(REPO / "configs/pretrain/base.yaml"),
+          "-c", str(REPO / f"configs/pretrain/{release}.yaml"),
           "--trainer", str(REPO / "configs/trainer/cpu.yaml"), *TINY_MODEL_ARGS,
           "--data.init_args.root", str(root), "--data.init_args.expected_shape", "null",
           "--data.init_args.spatial_size", "16", "--data.init_args.num_workers", "0",
           "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.val_fraction", "0.2",
           "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
           "--model.activation_checkpointing", "false", "--model.preview_every_n_epochs", "0",
-          "--model.autoencoder_checkpoint", "null",  # the data path, in voxel space (latent: tests/test_latent.py)
+          "--model.autoencoder_checkpoint", "null",  # the data path in voxel space (latent: test_latent.py)
           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
     checkpoint = torch.load(tmp_path / "runs/pretrain/version_0/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2

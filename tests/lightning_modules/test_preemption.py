@@ -105,10 +105,11 @@ def _slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_a_signal_inside_an_optimiser_step_is_served_after_it(pretrained_checkpoint: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """PPO killed by a preemption in iteration 5 of 6 (mid-epoch) continues to the same weights and curve."""
-    from tests.test_ppo import _finetune, _scalars
+    from tests.lightning_modules.test_ppo import _finetune, _scalars
 
     reward = json.dumps({"class_path": "rewards.MultiScaleReward", "init_args": {"components": [
-        {"class_path": "tests.test_ppo.BrightnessReward"}, {"class_path": "rewards.InterSliceContinuityReward"}]}})
+        {"class_path": "tests.lightning_modules.test_ppo.BrightnessReward"},
+        {"class_path": "rewards.InterSliceContinuityReward"}]}})
     # running reward and advantage statistics: state that must survive the preemption too
     short = ["--model.iterations_per_epoch", "3", "--trainer.max_epochs", "2", "--model.reward", reward,
              "--model.advantage_mode", "running"]
@@ -116,7 +117,8 @@ def test_a_signal_inside_an_optimiser_step_is_served_after_it(pretrained_checkpo
     requeued = _slurm_job(tmp_path, monkeypatch)
     (tmp_path / "job").mkdir()
     monkeypatch.chdir(tmp_path / "job")  # Lightning writes hpc_ckpt_<n>.ckpt into the working directory
-    signal_at = json.dumps([{"class_path": "tests.test_preemption.SignalInsideStep", "init_args": {"at": 5}}])
+    signal_at = json.dumps([{"class_path": "tests.lightning_modules.test_preemption.SignalInsideStep",
+                             "init_args": {"at": 5}}])
     with pytest.raises(Preempted):
         _finetune(pretrained_checkpoint, tmp_path / "job/runs", *short, "--trainer.callbacks", signal_at)
     assert requeued.read_text().split() == ["requeue", "4242"]

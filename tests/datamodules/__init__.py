@@ -1,0 +1,1 @@
+"""Tests of `datamodules`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `lightning_modules`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `msrl`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `rewards`, one file per module."""
