@@ -111,3 +111,26 @@ def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_older(cohort_cache: P
     checkpoints = tmp_path / "pretrain" / "version_0" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 1
     assert [p.name.split("-step")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch000"]
+
+
+def test_default_root_dir_holds_the_whole_run(cohort_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """`--trainer.default_root_dir DIR` puts events, config and checkpoints under DIR, not the config's runs/."""
+    monkeypatch.chdir(tmp_path)
+    main(["pretrain", "-c", TEMPLATE, *cli_data_args(cohort_cache), *TINY_MODEL_ARGS, "--trainer.max_steps", "1",
+          "--trainer.limit_val_batches", "0", "--model.preview_every_n_epochs", "0",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "elsewhere")])
+    run = tmp_path / "elsewhere" / "pretrain" / "version_0"
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert list(run.glob("events.out.tfevents.*")) and not (tmp_path / "runs").exists()
+
+
+def test_help_lists_every_verb_in_one_table(capsys: pytest.CaptureFixture) -> None:
+    from msrl.cli import VERBS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for verb in ("pretrain", "train-autoencoder", "train-reward", "finetune", "sample", "evaluate", "report", "data"):
+        assert f"  {verb} " in printed and verb in VERBS
