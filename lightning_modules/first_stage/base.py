@@ -42,12 +42,16 @@ from lightning_modules.visualize import slice_grid
 class FirstStageModule(L.LightningModule, ABC):
     """The shared training, validation and checkpointing of a 3D autoencoder for latent diffusion.
 
-    A subclass builds `self.network`, saves its hyper-parameters (its network's arguments and
-    `training` as a dict), sets `self.settings` to its `FirstStageTraining`, calls
-    `setup_training_parts()` and implements the latent hooks below.
+    A subclass passes its constructor's arguments (the network's and `training`) to `__init__`,
+    builds `self.network`, calls `setup_training_parts()` and implements the latent hooks below.
     """
 
-    settings: FirstStageTraining
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        """Record the arguments as hyper-parameters (`training` as plain data) and keep the settings object."""
+        super().__init__()
+        training: FirstStageTraining = arguments["training"]
+        self.save_hyperparameters({**arguments, "training": training.as_dict()})
+        self.settings = training
 
     regulariser_name = "train/regulariser"  # what the latent regulariser is logged as
 

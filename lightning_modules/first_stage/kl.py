@@ -49,10 +49,7 @@ class KLAutoencoderModule(FirstStageModule):
         downsample_levels: int = 2,
         training: FirstStageTraining = DEFAULT_TRAINING,
     ) -> None:
-        arguments = constructor_arguments(locals())
-        super().__init__()
-        self.save_hyperparameters({**arguments, "training": training.as_dict()})
-        self.settings = training
+        super().__init__(constructor_arguments(locals()))
         if len(channels) != downsample_levels + 1:
             raise ValueError(f"channels {tuple(channels)} needs downsample_levels + 1 = {downsample_levels + 1} "
                              "entries (AutoencoderKL's first level keeps the resolution)")

@@ -71,10 +71,7 @@ class AutoencoderModule(FirstStageModule):
         dead_code_interval: int = 20,
         training: FirstStageTraining = DEFAULT_TRAINING,
     ) -> None:
-        arguments = constructor_arguments(locals())
-        super().__init__()
-        self.save_hyperparameters({**arguments, "training": training.as_dict()})
-        self.settings = training
+        super().__init__(constructor_arguments(locals()))
         if len(channels) != downsample_levels:
             raise ValueError(f"channels {tuple(channels)} needs one entry per stride-2 level "
                              f"(downsample_levels={downsample_levels})")
