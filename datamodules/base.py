@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from datamodules.atomic import atomic_save, atomic_write_text
 from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram, preprocess_subject
 from datamodules.problems import DataError, Problem
+from datamodules.random_state import unchanged_random_state
 from datamodules.resumable import ResumableLoader
 from datamodules.splits import stratified_split
 
@@ -178,7 +179,15 @@ class VolumeDataModule(L.LightningDataModule):
         return records
 
     def prepare_data(self) -> None:
-        """Preprocess every subject missing from the cache (local rank 0 only, once per node)."""
+        """Preprocess every subject missing from the cache (local rank 0 only, once per node).
+
+        How much work this is depends on the cache, so it leaves the global random generators as it
+        found them: a run with a cold cache draws what a run with a warm one draws.
+        """
+        with unchanged_random_state():
+            self._preprocess_missing()
+
+    def _preprocess_missing(self) -> None:
         records = self.list_subjects()
         self.cache_path.mkdir(parents=True, exist_ok=True)
         todo = [r for r in records if not self._file(r).exists()]
@@ -186,7 +195,9 @@ class VolumeDataModule(L.LightningDataModule):
         if todo:
             log.info("preprocessing %d subjects into %s", len(todo), self.cache_path)
             by_id = {r.subject_id: r for r in todo}
-            jobs = DataLoader(_PreprocessJobs(self, todo), batch_size=None, num_workers=self.num_workers)
+            # its own generator: a DataLoader otherwise draws its workers' base seed from the global one
+            jobs = DataLoader(_PreprocessJobs(self, todo), batch_size=None, num_workers=self.num_workers,
+                              generator=torch.Generator().manual_seed(self.seed))
             for subject_id, tensors, problem in tqdm(jobs, total=len(todo), desc="preprocess", leave=False):
                 if problem is None:
                     atomic_save(tensors, self._file(by_id[subject_id]))

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
+from datamodules.random_state import random_states, restore_random_states
+
 ModuleType = TypeVar("ModuleType", bound=nn.Module)
 
 # Dotted class names that checkpoints written before the layers of docs/design.md name, and the
@@ -37,6 +39,25 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint holds objects that only a full unpickler could build (and might run code)."""
 
 
+def not_a_checkpoint(path: Path) -> str | None:
+    """What the file is when it cannot be a `torch.save` file (None when it may be one).
+
+    torch.save writes a zip archive (b"PK") or, before PyTorch 1.6 and in many released weight files,
+    a pickle (b"\\x80"); anything else would otherwise surface as a confusing unpickling error.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(348)
+    if not head:
+        return "an empty file"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return None
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed data (a NIfTI .nii.gz image?)"
+    if len(head) == 348 and int.from_bytes(head[:4], "little") == 348:
+        return "a NIfTI image"
+    return "binary data of an unknown format" if b"\x00" in head else "a text file"
+
+
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load(path, weights_only=True)` with errors that name the file and say what happened.
 
@@ -46,6 +67,10 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    what = not_a_checkpoint(path)
+    if what is not None:
+        raise ValueError(f"{path} is not a checkpoint: it is {what} (expected a .ckpt/.pt/.pth written by "
+                         "torch.save, e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -55,36 +80,6 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
             f"msrl writes none of these. Detail: {str(exc).splitlines()[0]}") from exc
     except (EOFError, RuntimeError, OSError) as exc:
         raise ValueError(f"checkpoint {path} could not be read (truncated or not a checkpoint): {exc}") from exc
-
-
-def random_states() -> dict[str, Any]:
-    """This process's torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain data."""
-    import random
-
-    import numpy as np
-
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": random.getstate()}
-
-
-def restore_random_states(states: dict[str, Any]) -> None:
-    """Undo `random_states()`: the noise, timesteps and shuffles continue as if never interrupted."""
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype("uint32"), numpy["position"], numpy["has_gauss"],
-                         numpy["gauss"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 RANDOM_STATES_KEY = "msrl_rng"  # where a checkpoint keeps `random_states()`

@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules.atomic import atomic_save
 from datamodules.base import VolumeDataModule
+from datamodules.random_state import unchanged_random_state
 from datamodules.resumable import ResumableLoader
 
 
@@ -115,10 +116,18 @@ class RealismDataModule(L.LightningDataModule):
         return self.data.cache_path / f"generated-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
     def prepare_data(self) -> None:
-        """Preprocess the real data; sample the generated volumes once (cached beside it)."""
+        """Preprocess the real data; sample the generated volumes once (cached beside it).
+
+        Building the generator initialises weights from the global random generators before its
+        checkpoint overwrites them; that happens only with a cold cache, so it leaves them as it found them.
+        """
         self.data.prepare_data()
         if self.generator_checkpoint is None or self._generated_file().exists():
             return
+        with unchanged_random_state():
+            self._generate()
+
+    def _generate(self) -> None:
         from lightning_modules.diffusion.module import DiffusionModule
 
         model = DiffusionModule.from_msrl_checkpoint(self.generator_checkpoint).to(

@@ -58,3 +58,27 @@ def test_every_alias_names_an_exported_class() -> None:
     assert resolve_class("lightning_modules.autoencoder.AutoencoderModule", FirstStageModule, "x") is AutoencoderModule
     with pytest.raises(ValueError, match="not a FirstStageModule"):
         resolve_class("lightning_modules.diffusion.DiffusionModule", FirstStageModule, "x.ckpt")
+
+
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`msrl sample` (and every reader, through load_weights) says what the file is, not "a pickle with objects"."""
+    import nibabel as nib
+    import numpy as np
+
+    from msrl.cli import main
+
+    volume = nib.Nifti1Image(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
+    files = {"notes.ckpt": "a text file", "empty.ckpt": "an empty file", "volume.nii.gz": "gzip-compressed",
+             "volume.nii": "a NIfTI image"}
+    (tmp_path / "notes.ckpt").write_text("epoch: 3\nloss: 0.1\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    nib.save(volume, tmp_path / "volume.nii.gz")
+    nib.save(volume, tmp_path / "volume.nii")
+    for name, what in files.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 1 and f"{tmp_path / name} is not a checkpoint: it is {what}" in error, error
+        assert "pickle" not in error and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is not a checkpoint: it is a text file"):
+        RealismCriticModule.load_for_reward(str(tmp_path / "notes.ckpt"), "SliceCriticReward", "msrl train-reward")
