@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 from datamodules.random_state import random_states, restore_random_states
+from lightning_modules.lightning_internals import own_hyperparameters
 
 ModuleType = TypeVar("ModuleType", bound=nn.Module)
 
@@ -121,15 +121,10 @@ def rebuild_module(model_class: type[ModuleType], arguments: dict[str, Any], sta
                    prefix: str = "") -> ModuleType:
     """`model_class(**arguments)` with the weights under `prefix` of a checkpoint's state dict loaded.
 
-    The one place msrl touches Lightning's private API: LightningCLI hands its own config to every
-    `save_hyperparameters()` called while it builds a module (through `_given_hyperparameters`), so a
-    module rebuilt inside another one (PPO's policy, a latent model's autoencoder) would record the
-    CLI's arguments instead of its own. The context is cleared while the module is built.
+    The module records its own arguments even when built inside another one while LightningCLI
+    instantiates that (`own_hyperparameters`).
     """
-    token = _given_hyperparameters.set(None)
-    try:
+    with own_hyperparameters():
         model = model_class(**arguments)
-    finally:
-        _given_hyperparameters.reset(token)
     model.load_state_dict({key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)})
     return model

@@ -17,6 +17,7 @@ from datamodules.base import VolumeDataModule
 from lightning_modules.callbacks.preemption import StepBoundaryRequeue
 from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.diffusion.noise_schedules import DEFAULT_NOISE_SCHEDULER
+from lightning_modules.lightning_internals import add_model_instantiator_only
 
 
 def honour_default_root_dir(config: Any) -> None:
@@ -88,16 +89,9 @@ class FinetuneCLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
 
     def _add_instantiators(self) -> None:
-        """Only the model's hyper-parameter instantiator: there is no data module to record.
-
-        Lightning registers one for `data` even without a datamodule class, and it then intercepts
-        every class built in the config (e.g. the held-out data module of `HeldoutFIDGuard`) and
-        fails on the missing `data` section.
-        """
-        from lightning.pytorch.cli import _get_module_type, _InstantiatorFn
-
-        self.parser.add_instantiator(_InstantiatorFn(cli=self, key="model"), _get_module_type(self._model_class),
-                                     subclasses=self.subclass_mode_model)
+        """Only the model's hyper-parameter instantiator: there is no data module to record (see
+        `add_model_instantiator_only`)."""
+        add_model_instantiator_only(self, self._model_class, self.subclass_mode_model)
 
 
 def run_finetune(argv: list[str]) -> None:
