@@ -22,8 +22,8 @@ def launcher_options(argv: list[str]) -> list[str]:
         return []
     local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ.get("WORLD_SIZE", "1"))
     given = " ".join(argv)
-    options = {"--trainer.devices": str(local), "--trainer.num_nodes": str(max(world // local, 1)),
-               "--trainer.strategy": "ddp"}
+    # no strategy: the config's (DDP with its process-group timeout), or Lightning's DDP for "auto"
+    options = {"--trainer.devices": str(local), "--trainer.num_nodes": str(max(world // local, 1))}
     accelerator = os.environ.get("LT_ACCELERATOR")
     if accelerator:
         options["--trainer.accelerator"] = {"cuda": "gpu"}.get(accelerator, accelerator)

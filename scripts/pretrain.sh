@@ -19,12 +19,12 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "SLURM job $SLURM_JOB_ID: $nodes node(s) x $GPUS GPU(s), config $CONFIG"
   exec srun --ntasks-per-node="$GPUS" --kill-on-bad-exit=1 \
     msrl pretrain "${configs[@]}" --trainer.accelerator gpu --trainer.devices "$GPUS" \
-    --trainer.num_nodes "$nodes" --trainer.strategy ddp "$@"
+    --trainer.num_nodes "$nodes" "$@"
 fi
 GPUS=${GPUS:-$local_gpus}
 if [ "$GPUS" -gt 0 ]; then
   echo "local run on $GPUS GPU(s), config $CONFIG"
-  exec msrl pretrain "${configs[@]}" --trainer.accelerator gpu --trainer.devices "$GPUS" --trainer.strategy ddp "$@"
+  exec msrl pretrain "${configs[@]}" --trainer.accelerator gpu --trainer.devices "$GPUS" "$@"
 fi
 echo "no GPU found: CPU run, config $CONFIG"
 exec msrl pretrain "${configs[@]}" "$@"
