@@ -49,6 +49,9 @@ def cli_data_args(cache: Path) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     """Environment for a child process: the repo importable, few threads."""
     env = dict(os.environ)
+    # a child starts its own distributed world: nothing of one an earlier in-process run set up leaks in
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
