@@ -37,3 +37,17 @@ def add_model_instantiator_only(cli: LightningCLI, model_class: type, subclasses
     """
     instantiator: Any = _InstantiatorFn(cli=cli, key="model")
     cli.parser.add_instantiator(instantiator, _get_module_type(model_class), subclasses=subclasses)
+
+
+def cli_model_arguments() -> dict[str, Any] | None:
+    """The model's arguments as LightningCLI's config dump gives them, while it builds the model (else None).
+
+    LightningCLI passes its config (plain YAML data: a subclass argument as {class_path, init_args})
+    to the model it instantiates only through the `_given_hyperparameters` context variable, which
+    `save_hyperparameters` reads; PPO reads it to record the reward's config in its checkpoints. A
+    module built in plain Python, or inside `own_hyperparameters`, gets None.
+    """
+    given = _given_hyperparameters.get()
+    if given is None:
+        return None
+    return {key: value for key, value in given.items() if not key.startswith("_")}

@@ -1,4 +1,8 @@
-"""`MultiScaleReward`: named reward components, each normalised, combined with weights."""
+"""`MultiScaleReward`: named reward components, each normalised, combined with weights.
+
+PPO trains on the normalised total; whether the reward rose is read from the raw scores
+(`raw_scores`: each component's own value and Σ_k w_k · r_k), which no statistics move.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_modules.ppo.reward import Reward, score_components
+from lightning_modules.ppo.reward import RAW_TOTAL, Reward, score_components
 from lightning_modules.ppo.running import RunningMoments
 
 
@@ -40,6 +44,9 @@ class MultiScaleReward(Reward):
         self.names = [getattr(c, "name", type(c).__name__) for c in components]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"component names must be distinct (set `name`), got {self.names}")
+        if RAW_TOTAL in self.names:
+            raise ValueError(f"no component may be named {RAW_TOTAL!r}: ppo/reward_raw/{RAW_TOTAL} is the weighted "
+                             f"raw sum; got {self.names}")
         self.weights = weights
         self.normalise, self.track_statistics = normalise, track_statistics
         self.running = RunningMoments(len(components), momentum)
@@ -50,11 +57,8 @@ class MultiScaleReward(Reward):
 
     def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The total [B] and every component's raw values ({name: [B]})."""
-        raw = {}
-        for name, component in zip(self.names, self.components, strict=True):
-            value, _ = score_components(component, volumes, labels)  # checks shape and finiteness, by name
-            raw[name] = value
+        """The normalised total [B] and every component's raw values ({name: [B]})."""
+        raw = self._raw_components(volumes, labels)
         stacked = torch.stack([raw[n] for n in self.names]).double()  # [K, B]
         if self.normalise:
             if self.track_statistics:  # PPO's rollouts move them; evaluation freezes them
@@ -67,6 +71,27 @@ class MultiScaleReward(Reward):
         weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
         total = (weights[:, None] * stacked).sum(0).float()
         return total, raw
+
+    def raw_total(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_k w_k · r_k [B] of raw component values: it rises when the components do, whatever the statistics."""
+        stacked = torch.stack([components[n] for n in self.names]).double()
+        weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
+        return (weights[:, None] * stacked).sum(0).float()
+
+    def raw_scores(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every component's raw values and their weighted sum under "total" ({name: [B]}).
+
+        The statistics are neither read nor updated: a freshly built reward scores like the trained one.
+        """
+        raw = self._raw_components(volumes, labels)
+        return {**raw, RAW_TOTAL: self.raw_total(raw)}
+
+    def _raw_components(self, volumes: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        raw = {}
+        for name, component in zip(self.names, self.components, strict=True):
+            value, _ = score_components(component, volumes, labels)  # checks shape and finiteness, by name
+            raw[name] = value
+        return raw
 
 
 def _gather_across_ranks(values: torch.Tensor) -> torch.Tensor:

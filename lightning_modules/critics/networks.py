@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
 from lightning_modules.checkpoint_io import load_weights, rebuild_module, resume_random_states, save_random_states
+from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.slices import SliceSampler, flatten_slices
 
 
@@ -91,7 +92,11 @@ class RewardNetworkModule(L.LightningModule):
 
     @classmethod
     def load_for_reward(cls, path: str, reward: str, how_to_train: str) -> RewardNetworkModule:
-        """Load a trained network for a reward, weights only, with errors that say how to get one."""
+        """Load a trained network for a reward, weights only, with errors that say how to get one.
+
+        The module remembers its file: `source_path` (as given) and `source_sha256` (of its bytes), which
+        a fine-tuned checkpoint records (`msrl_reward`, `lightning_modules.ppo.reward.reward_networks`).
+        """
         from pathlib import Path
 
         if not path or not Path(path).is_file():
@@ -99,7 +104,9 @@ class RewardNetworkModule(L.LightningModule):
                              f"got {path!r}")
         checkpoint = load_weights(path)  # refuses anything but tensors and plain data, with the file named
         hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        return rebuild_module(cls, hparams, checkpoint["state_dict"]).eval().requires_grad_(False)
+        network = rebuild_module(cls, hparams, checkpoint["state_dict"]).eval().requires_grad_(False)
+        network.source_path, network.source_sha256 = str(path), sha256_of(path)
+        return network
 
 
 class RealismCriticModule(RewardNetworkModule):

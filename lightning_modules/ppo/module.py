@@ -4,6 +4,17 @@ One training step is one PPO iteration: roll out DDIM trajectories with the curr
 (keeping every x_t and log-probability), score the final volumes with a reward module,
 normalise the rewards per class across all DDP ranks, then update the policy with the clipped PPO
 objective, recomputing log-probabilities of the stored steps.
+
+Logged rewards: `ppo/reward/mean`, `ppo/reward/std` and `ppo/reward/class_<k>` are the total as the
+reward returns it, normalised by running statistics under `MultiScaleReward(normalise=True)`, so they
+can fall while every raw component rises; `ppo/reward/<component>` is a component's raw value on
+rank 0's samples (kept for existing curves). `ppo/reward_raw/<component>` and `ppo/reward_raw/total`
+(Σ_k w_k · raw_k; a plain reward's own value) are raw means over every rank's samples: read those to
+ask whether the reward rose (docs/design.md §7).
+
+A checkpoint records what produced it: `msrl_rollout` (the rollout sampler) and `msrl_reward` (the
+reward's config and its networks' files with their SHA-256), so evaluation can sample like the
+rollouts and rebuild the reward (`rewards.reward_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -31,8 +42,9 @@ from lightning_modules.diffusion.sampling import (
     guided_prediction,
     sample,
 )
+from lightning_modules.lightning_internals import cli_model_arguments
 from lightning_modules.ppo.advantages import ClassAdvantageNormaliser, clipped_surrogate
-from lightning_modules.ppo.reward import score_components
+from lightning_modules.ppo.reward import RAW_TOTAL, raw_total_of, reward_networks, score_components
 from lightning_modules.visualize import slice_grid
 
 
@@ -81,6 +93,8 @@ class PPOFinetuneModule(L.LightningModule):
         image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
+        given = cli_model_arguments()  # LightningCLI's config of this module; None when built in Python
+        self.reward_config: dict[str, Any] | None = given.get("reward") if given else None
         if eta <= 0:
             raise ValueError(f"eta must be > 0 for PPO (a deterministic step has no log-probability), got {eta}")
         if not 0 < timestep_fraction <= 1:
@@ -123,8 +137,18 @@ class PPOFinetuneModule(L.LightningModule):
         return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Make the checkpoint readable by `msrl sample` like a pretraining one."""
+        """Make the checkpoint readable by `msrl sample` like a pretraining one; record sampler and reward.
+
+        `msrl_rollout`: {num_steps, eta, guidance_scale} of the rollouts (the sampler that was trained).
+        `msrl_reward`: {"config": the reward's {class_path, init_args} as configured (None when the module
+        was built in Python), "networks": [{component, path, sha256}, …] of its trained networks}.
+        """
+        hp = self.hparams
         checkpoint["msrl_diffusion"] = self.policy.diffusion_spec(prefix="policy.")
+        checkpoint["msrl_rollout"] = {"num_steps": int(hp.num_steps), "eta": float(hp.eta),
+                                      "guidance_scale": float(hp.guidance_scale)}
+        checkpoint["msrl_reward"] = {"config": copy.deepcopy(self.reward_config),
+                                     "networks": reward_networks(self.reward)}
 
     # One PPO iteration -------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -276,6 +300,10 @@ class PPOFinetuneModule(L.LightningModule):
                    "ppo/advantage/abs_mean": advantages.abs().mean(), "ppo/iteration": self.iteration.float()}
         for name, value in components.items():
             metrics[f"ppo/reward/{name}"] = value.mean()
+        raw = {**components, RAW_TOTAL: raw_total_of(self.reward, rewards, components)}
+        every_raw = self.all_gather(torch.stack(list(raw.values()))).reshape(-1, len(raw), rewards.shape[0])
+        for name, value in zip(raw, every_raw.mean(dim=(0, 2)), strict=True):
+            metrics[f"ppo/reward_raw/{name}"] = value
         if labels is not None:
             for k in range(self.policy.hparams.num_classes):
                 if (labels == k).any():

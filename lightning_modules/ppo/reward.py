@@ -1,24 +1,31 @@
-"""The reward contract (docs/design.md §4).
+"""The reward contract (docs/design.md §4), raw scores, and the networks a reward was built from.
 
 A reward is a `torch.nn.Module` mapping volumes `[B, C, D, H, W]` in [-1, 1] and class labels
 `[B]` (or None) to one finite score per volume `[B]`, higher is better. PPO calls it under
 `no_grad`, on whatever device and dtype the volumes have. Any module with that `forward` plugs in
 through YAML `class_path`; subclassing `Reward` only adds a `name` and per-component scores.
+
+The total a reward returns may be normalised by statistics that move during training
+(`rewards.MultiScaleReward`), so it cannot say whether the reward rose (docs/design.md §7). Raw
+scores can: each component's own value and their weighted sum, `raw_reward_scores`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
+
+RAW_TOTAL = "total"  # key of the weighted raw sum among raw scores (ppo/reward_raw/total)
 
 
 class Reward(nn.Module, ABC):
     """Base class of msrl's rewards.
 
     Args:
-        name: the key of this reward in logs (`ppo/reward/<name>`).
+        name: the key of this reward in logs (`ppo/reward/<name>`, `ppo/reward_raw/<name>`).
     """
 
     def __init__(self, name: str) -> None:
@@ -31,9 +38,25 @@ class Reward(nn.Module, ABC):
 
     def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The reward [B] and its components ({name: [B]}; a plain reward is its own component)."""
+        """The reward [B] and its raw components ({name: [B]}; a plain reward is its own component)."""
         total = self(volumes, labels)
         return total, {self.name: total}
+
+    def raw_total(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of raw components [B], as `score` returned them (a plain reward: its own value)."""
+        if self.name not in components:
+            raise NotImplementedError(f"{type(self).__name__} returns components {sorted(components)} but does not "
+                                      "say how they add up: override `raw_total`")
+        return components[self.name]
+
+    def raw_scores(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Raw values of every component and their weighted sum under "total" ({name: [B]}).
+
+        Nothing the reward keeps (running statistics) changes; a composite overrides this to skip its
+        normalisation.
+        """
+        _, components = self.score(volumes, labels)
+        return {**components, RAW_TOTAL: self.raw_total(components)}
 
 
 def score_components(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None
@@ -47,13 +70,64 @@ def score_components(reward: nn.Module, volumes: torch.Tensor, labels: torch.Ten
     else:
         total = reward(volumes, labels)
         components = {getattr(reward, "name", type(reward).__name__): total}
+    _check_scores(reward, volumes.shape[0], {getattr(reward, "name", type(reward).__name__): total, **components})
+    return total.float(), {key: value.float() for key, value in components.items()}
+
+
+def raw_total_of(reward: nn.Module, total: torch.Tensor, components: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weighted raw sum [B] of a batch `score_components` scored (a module without `raw_total`: its total)."""
+    return reward.raw_total(components).float() if hasattr(reward, "raw_total") else total
+
+
+@torch.no_grad()
+def raw_reward_scores(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None
+                      ) -> dict[str, torch.Tensor]:
+    """Raw values [B] of each component of any reward module, and their weighted sum under "total".
+
+    For evaluation: no normalisation statistics are read or updated, so a freshly built
+    `MultiScaleReward` scores like the one PPO trained against. A module without `raw_scores`
+    (a user's own `nn.Module`) is its own single component.
+    """
+    if hasattr(reward, "raw_scores"):
+        scores = dict(reward.raw_scores(volumes, labels))
+    else:
+        total, components = score_components(reward, volumes, labels)
+        scores = {**components, RAW_TOTAL: total}
+    if RAW_TOTAL not in scores:
+        raise ValueError(f"raw_scores of {type(reward).__name__} returned {sorted(scores)} without {RAW_TOTAL!r}")
+    _check_scores(reward, volumes.shape[0], scores)
+    return {key: value.float() for key, value in scores.items()}
+
+
+def _check_scores(reward: nn.Module, batch: int, scores: dict[str, Any]) -> None:
+    """Every score is a finite tensor [batch]; errors name the component and the samples."""
     name = getattr(reward, "name", type(reward).__name__)
-    if not torch.is_tensor(total) or total.shape != (volumes.shape[0],):
-        shape = tuple(total.shape) if torch.is_tensor(total) else type(total).__name__
-        raise ValueError(f"reward {name} returned {shape}, expected a tensor of shape ({volumes.shape[0]},)")
-    for key, value in {name: total, **components}.items():
+    for key, value in scores.items():
+        if not torch.is_tensor(value) or value.shape != (batch,):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"reward {name} returned {shape} for {key}, expected a tensor of shape ({batch},)")
         if not torch.isfinite(value).all():
             samples = torch.nonzero(~torch.isfinite(value)).flatten().tolist()
             raise FloatingPointError(f"reward component {key} returned non-finite values for samples {samples} "
                                      f"of this batch: {value.tolist()}")
-    return total.float(), {key: value.float() for key, value in components.items()}
+
+
+def reward_networks(reward: nn.Module) -> list[dict[str, str]]:
+    """The trained networks inside a reward: [{"component", "path", "sha256"}, …] in module order.
+
+    A network is any submodule loaded by `RewardNetworkModule.load_for_reward` (it carries
+    `source_path` and `source_sha256`); its component is the `name` of the closest reward around it.
+    """
+    found: list[dict[str, str]] = []
+
+    def walk(module: nn.Module, component: str) -> None:
+        name = getattr(module, "name", None)
+        component = name if isinstance(name, str) else component
+        if isinstance(getattr(module, "source_sha256", None), str):
+            found.append({"component": component, "path": str(module.source_path), "sha256": module.source_sha256})
+            return
+        for child in module.children():
+            walk(child, component)
+
+    walk(reward, type(reward).__name__)
+    return found

@@ -1,16 +1,20 @@
 """Reward-hacking guard for PPO: FID on held-out real volumes with an extractor the reward does not use.
 
 A policy can raise a learned reward by exploiting its networks instead of by looking more like
-real MRI. Every k iterations this callback samples a fixed set of volumes (fixed noise, DDIM η = 0,
-EMA weights), computes their FID against held-out real volumes with an independent extractor, and
-logs it as `ppo/heldout_fid`. With `early_stop_on_heldout`, PPO stops when the FID has worsened
-`patience` evaluations in a row while the reward rose over the same evaluations.
+real MRI. Before the first PPO update (iteration 0: the pretrained policy), after the first
+iteration and every k, this callback samples a fixed set of volumes (fixed seed, EMA weights) with
+the sampler PPO trains (the rollouts' DDIM steps, η and guidance; `sampler: deterministic` for
+η = 0), computes their FID against held-out real volumes with an independent extractor, and logs it
+as `ppo/heldout_fid`. With `early_stop_on_heldout`, PPO stops when the FID has worsened `patience`
+evaluations in a row while the raw reward (`ppo/reward_raw/total`, not the normalised
+`ppo/reward/mean`, which falls as its running mean catches up) rose over the same evaluations.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -28,27 +32,37 @@ class HeldoutFIDGuard(L.Callback):
     Args:
         data: the data module whose held-out split is the real reference (e.g. `../data/template.yaml`).
         extractor: feature extractor for the FID; must share no network with the reward.
-        every_n_iterations: k, iterations between evaluations (the first evaluation is before iteration 1).
+        every_n_iterations: k, iterations between evaluations (also at iteration 0, before any update, and 1).
         num_samples: volumes generated per evaluation (labels alternate over the classes).
-        num_steps: DDIM steps of those samples (η = 0, fixed noise: only the policy changes them).
+        sampler: "rollout": the rollouts' η and guidance scale, the sampler PPO trained; "deterministic":
+            DDIM η = 0 with the rollouts' guidance scale (what `msrl sample --eta 0` draws).
+        num_steps: DDIM steps of those samples (None: the rollouts' `num_steps`).
         split: held-out split used as the reference ("val" or "test").
-        early_stop_on_heldout: stop when FID worsens `patience` evaluations in a row while reward rises.
+        early_stop_on_heldout: stop when FID worsens `patience` evaluations in a row while the raw reward rises.
         patience: m, the number of consecutive worsening evaluations that stops the run.
-        seed: seed of the fixed noise.
+        seed: seed of the fixed noise (initial and, under η > 0, per-step): only the policy changes the samples.
     """
 
+    REWARD_KEY = "ppo/reward_raw/total"  # raw: the normalised ppo/reward/mean can fall while the reward rises
+
     def __init__(self, data: VolumeDataModule, extractor: FeatureExtractor, every_n_iterations: int = 5,
-                 num_samples: int = 8, num_steps: int = 20, split: str = "val", early_stop_on_heldout: bool = False,
+                 num_samples: int = 8, sampler: Literal["rollout", "deterministic"] = "rollout",
+                 num_steps: int | None = None, split: str = "val", early_stop_on_heldout: bool = False,
                  patience: int = 3, seed: int = 1234) -> None:
         if every_n_iterations < 1 or num_samples < 2 or patience < 1:
             raise ValueError(f"need every_n_iterations >= 1, num_samples >= 2, patience >= 1; got "
                              f"{every_n_iterations}, {num_samples}, {patience}")
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test' (held out from training), got {split!r}")
+        if sampler not in ("rollout", "deterministic"):
+            raise ValueError(f"sampler must be 'rollout' or 'deterministic', got {sampler!r}")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 or None (the rollouts' steps), got {num_steps}")
         self.data, self.extractor, self.every, self.num_samples = data, extractor, every_n_iterations, num_samples
-        self.num_steps, self.split, self.stop, self.patience, self.seed = num_steps, split, early_stop_on_heldout, \
-            patience, seed
-        self.history: list[tuple[int, float, float]] = []  # (iteration, FID, mean reward since the last evaluation)
+        self.sampler, self.num_steps, self.split, self.stop, self.patience, self.seed = sampler, num_steps, split, \
+            early_stop_on_heldout, patience, seed
+        # (iteration, FID, mean raw reward of the iterations since the last evaluation; NaN at iteration 0)
+        self.history: list[tuple[int, float, float]] = []
         self._rewards: list[float] = []
         self._real_features: torch.Tensor | None = None
 
@@ -68,10 +82,15 @@ class HeldoutFIDGuard(L.Callback):
         self.extractor.to(pl_module.device)
         self._real_features = self._features(volumes)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Iteration 0: the held-out FID of the pretrained policy, before any PPO update (not on a resume)."""
+        if not self.history and int(pl_module.iteration) == 0:
+            self._record(trainer, 0, self._evaluate(pl_module), float("nan"))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """Collect the iteration's mean reward; every k iterations evaluate, log and maybe stop."""
-        reward = trainer.callback_metrics.get("ppo/reward/mean")
+        """Collect the iteration's mean raw reward; every k iterations evaluate, log and maybe stop."""
+        reward = trainer.callback_metrics.get(self.REWARD_KEY)
         if reward is not None:
             self._rewards.append(float(reward))
         iteration = int(pl_module.iteration)
@@ -80,9 +99,7 @@ class HeldoutFIDGuard(L.Callback):
         score = self._evaluate(pl_module)
         mean_reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
         self._rewards.clear()
-        self.history.append((iteration, score, mean_reward))
-        for logger in trainer.loggers:  # straight to the loggers: one point per evaluation, not one per step
-            logger.log_metrics({"ppo/heldout_fid": score}, step=trainer.global_step)
+        self._record(trainer, iteration, score, mean_reward)
         if self.stop and self.hacking():
             log.warning("stopping PPO at iteration %d: held-out FID rose %d evaluations in a row (%s) while the "
                         "reward rose (%s): the policy is likely exploiting the reward", iteration, self.patience,
@@ -90,13 +107,22 @@ class HeldoutFIDGuard(L.Callback):
                         [round(h[2], 3) for h in self.history[-self.patience - 1:]])
             trainer.should_stop = True
 
+    def _record(self, trainer: L.Trainer, iteration: int, score: float, mean_reward: float) -> None:
+        self.history.append((iteration, score, mean_reward))
+        for logger in trainer.loggers:  # straight to the loggers: one point per evaluation, not one per step
+            logger.log_metrics({"ppo/heldout_fid": score}, step=trainer.global_step)
+
     def hacking(self) -> bool:
-        """FID worse at each of the last `patience` evaluations and reward higher than `patience` evaluations ago."""
+        """FID worse at each of the last `patience` evaluations and the raw reward higher than at their start.
+
+        The reward at the start is the earliest known one of those evaluations (iteration 0 has none).
+        """
         if len(self.history) <= self.patience:
             return False
         recent = self.history[-self.patience - 1:]
         worse = all(later[1] > earlier[1] for earlier, later in zip(recent, recent[1:], strict=False))
-        return worse and recent[-1][2] > recent[0][2]
+        known = [h[2] for h in recent if math.isfinite(h[2])]
+        return worse and len(known) >= 2 and known[-1] > known[0] and math.isfinite(recent[-1][2])
 
     def state_dict(self) -> dict[str, Any]:
         """The evaluation history (so a resumed run keeps judging the same trend)."""
@@ -109,7 +135,10 @@ class HeldoutFIDGuard(L.Callback):
     @torch.no_grad()
     def _evaluate(self, pl_module: L.LightningModule) -> float:
         """FID of a fixed set of EMA samples against the held-out reference (same on every rank)."""
-        volumes = pl_module.policy.generate(self.num_samples, num_steps=self.num_steps, eta=0.0, seed=self.seed)
+        hp = pl_module.hparams
+        eta = hp.eta if self.sampler == "rollout" else 0.0
+        volumes = pl_module.policy.generate(self.num_samples, num_steps=self.num_steps or hp.num_steps, eta=eta,
+                                            guidance_scale=hp.guidance_scale, seed=self.seed)
         return fid(self._real_features, self._features(volumes))
 
     def _features(self, volumes: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""The reward-hacking guard: ppo/heldout_fid during PPO, the stopping rule, independence from the reward."""
+"""The reward-hacking guard: the stopping rule, independence from the reward.
+
+Its run inside PPO (ppo/heldout_fid at iterations 0, 1 and every k; raw rewards) is tested with the
+rest of PPO's logs in tests/lightning_modules/test_ppo_provenance.py.
+"""
 
 from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import TemplateCohortDataModule
 from msrl.evaluation import MedicalNetExtractor
 from msrl.evaluation.heldout_guard import HeldoutFIDGuard, refuse_shared_networks
-from tests.lightning_modules.test_ppo import _finetune
 
 
 def _guard(cache: Path | str, **kwargs: object) -> HeldoutFIDGuard:
@@ -30,18 +32,6 @@ def test_stopping_rule(history: list[tuple[int, float, float]], expected: bool) 
     restored = _guard("unused", patience=2)
     restored.load_state_dict(guard.state_dict())
     assert restored.history == history
-
-
-def test_guard_logs_heldout_fid_during_ppo(pretrained_checkpoint: Path, cohort_cache: Path, tmp_path: Path) -> None:
-    callbacks = ('[{"class_path": "msrl.evaluation.HeldoutFIDGuard", "init_args": {'
-                 '"data": {"class_path": "datamodules.TemplateCohortDataModule", "init_args": {"num_subjects": 8, '
-                 f'"spatial_size": 16, "cache_dir": "{cohort_cache}", "val_fraction": 0.25}}}}, '
-                 '"extractor": {"class_path": "msrl.evaluation.MedicalNetExtractor"}, "every_n_iterations": 2, '
-                 '"num_samples": 2, "num_steps": 2}}]')
-    run = _finetune(pretrained_checkpoint, tmp_path, "--trainer.max_epochs", "1", "--model.iterations_per_epoch", "4",
-                    "--trainer.callbacks", callbacks)
-    values = [e.value for e in EventAccumulator(str(run)).Reload().Scalars("ppo/heldout_fid")]
-    assert len(values) == 3 and all(v > 0 and torch.isfinite(torch.tensor(v)) for v in values)  # iterations 1, 2, 4
 
 
 def test_an_extractor_sharing_the_rewards_network_is_refused() -> None:
