@@ -19,6 +19,8 @@ VERBS: dict[str, tuple[str, str]] = {
                           "train the 3D VQ-GAN (or KL) first stage of latent diffusion (LightningCLI fit)"),
     "train-reward": ("msrl.commands.training:run_train_reward",
                      "train the realism critics or the classifier behind learned rewards (LightningCLI fit)"),
+    "train-extractor": ("msrl.commands.training:run_train_extractor",
+                        "train the self-supervised 3D encoder of the in-domain FID, no labels (LightningCLI fit)"),
     "finetune": ("msrl.commands.training:run_finetune",
                  "PPO fine-tuning of a pretrained model against a reward (LightningCLI fit)"),
     "sample": ("msrl.commands.sample:main", "draw volumes from a checkpoint into NIfTI files"),

@@ -1,4 +1,4 @@
-"""The training verbs: `msrl pretrain`, `train-autoencoder`, `train-reward` and `finetune`.
+"""The training verbs: `msrl pretrain`, `train-autoencoder`, `train-reward`, `train-extractor` and `finetune`.
 
 Each is a LightningCLI `fit` run of YAML configs under `configs/` (components chosen by
 `class_path`, `-c` repeatable, `--print_config` on every verb); msrl/cli.py dispatches to them.
@@ -40,15 +40,16 @@ class MsrlCLI(LightningCLI):
     """LightningCLI with the data module's shape linked into the model and checkpointing set up."""
 
     monitor, mode = "val/loss", "min"  # what ranks the best checkpoint
+    linked = ("num_channels", "spatial_size", "num_classes")  # data attributes passed to the model
 
     def before_instantiate_classes(self) -> None:
         """Honour `--trainer.default_root_dir` (see `honour_default_root_dir`)."""
         honour_default_root_dir(self.config[self.subcommand] if self.subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link in_channels/spatial_size/num_classes from the data; configure ModelCheckpoint."""
+        """Link `linked` (in_channels/spatial_size/num_classes) from the data; configure ModelCheckpoint."""
         model = "model.init_args" if self.subclass_mode_model else "model"
-        for attribute in ("num_channels", "spatial_size", "num_classes"):
+        for attribute in self.linked:
             target = "in_channels" if attribute == "num_channels" else attribute
             parser.link_arguments("data", f"{model}.{target}", apply_on="instantiate",
                                   compute_fn=lambda data, a=attribute: getattr(data, a))
@@ -121,6 +122,23 @@ def run_train_reward(argv: list[str]) -> None:
     RewardTrainingCLI(RewardNetworkModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                       args=["fit", *argv], save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                       parser_kwargs={"prog": "msrl train-reward"})
+
+
+class ExtractorTrainingCLI(MsrlCLI):
+    """`msrl train-extractor`: the best checkpoint has the lowest held-out contrastive loss; no labels are linked."""
+
+    monitor, mode = "val/loss", "min"
+    linked = ("num_channels", "spatial_size")
+
+
+def run_train_extractor(argv: list[str]) -> None:
+    """`msrl train-extractor`: LightningCLI `fit` of the self-supervised encoder behind the in-domain FID."""
+    from lightning_modules.extractor import SelfSupervisedEncoderModule
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    ExtractorTrainingCLI(SelfSupervisedEncoderModule, VolumeDataModule, subclass_mode_model=True,
+                         subclass_mode_data=True, args=["fit", *argv], save_config_kwargs={"overwrite": True},
+                         auto_configure_optimizers=False, parser_kwargs={"prog": "msrl train-extractor"})
 
 
 def run_pretrain(argv: list[str]) -> None:

@@ -4,9 +4,15 @@ Also the reward-hacking guard of PPO (`HeldoutFIDGuard`), a trainer callback tha
 evaluation's extractors and FID, which is why it lives here and not with the models.
 """
 
-from msrl.evaluation.extractors import ClassifierFeatureExtractor, FeatureExtractor, MedicalNetExtractor, SliceExtractor
+from msrl.evaluation.extractors import (
+    ClassifierFeatureExtractor,
+    FeatureExtractor,
+    InDomainExtractor,
+    MedicalNetExtractor,
+    SliceExtractor,
+)
 from msrl.evaluation.heldout_guard import HeldoutFIDGuard
 from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
 
-__all__ = ["ClassifierFeatureExtractor", "FeatureExtractor", "HeldoutFIDGuard", "LabelledVolumes",
+__all__ = ["ClassifierFeatureExtractor", "FeatureExtractor", "HeldoutFIDGuard", "InDomainExtractor", "LabelledVolumes",
            "MedicalNetExtractor", "SliceExtractor", "UtilityProtocol"]

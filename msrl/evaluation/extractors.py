@@ -210,3 +210,31 @@ class ClassifierFeatureExtractor(FeatureExtractor):
         """{"3d": [B, 2F]}: global max and mean of the last conv block (what the classifier's head reads)."""
         features = self.classifier.network.features(volumes).flatten(2)
         return {"3d": torch.cat([features.amax(2), features.mean(2)], dim=1)}
+
+
+class InDomainExtractor(FeatureExtractor):
+    """The self-supervised in-domain 3D encoder: `msrl train-extractor`'s, trained on real volumes without labels.
+
+    The evaluation's primary FID: in-domain like the classifier's features, yet trained on nothing
+    a reward sees (no labels, no generated volumes) and sharing no weights with any reward network.
+
+    Args:
+        checkpoint: a `SelfSupervisedEncoderModule` checkpoint (read with weights_only=True).
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__()
+        from lightning_modules.extractor import SelfSupervisedEncoderModule
+
+        self.encoder = SelfSupervisedEncoderModule.load_for_extraction(checkpoint)
+        self._name = f"indomain-ssl-{file_digest(checkpoint)}"
+        self.eval().requires_grad_(False)
+
+    @property
+    def name(self) -> str:
+        """`indomain-ssl-<checkpoint hash>`."""
+        return self._name
+
+    def forward(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"3d": [B, F]}: the encoder's globally pooled features (before the contrastive head)."""
+        return {"3d": self.encoder.features(volumes)}
