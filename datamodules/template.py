@@ -20,13 +20,17 @@ import torchio as tio
 from datamodules.base import SubjectRecord, VolumeDataModule
 from datamodules.problems import Problem
 
-GENERATOR_VERSION = 3  # part of the cache key: bump when the synthesis changes
+GENERATOR_VERSION = 7  # part of the cache key: bump when the synthesis changes
 
 
 @lru_cache(maxsize=2)
 def load_mni152(resolution: int) -> dict[str, Any]:
-    """The MNI152 T1, GM, WM and brain-mask arrays at `resolution` mm, cropped to the brain."""
+    """The MNI152 T1, GM, WM and brain-mask arrays at `resolution` mm, cropped to the brain.
+
+    Also "depth": each voxel's distance (voxels) to the outside of the brain, to place lesions inside it.
+    """
     from nilearn import datasets  # heavy import, only needed when a cohort is built
+    from scipy.ndimage import distance_transform_edt  # scipy comes with nilearn
 
     mask_img = datasets.load_mni152_brain_mask(resolution=resolution)
     mask = mask_img.get_fdata() > 0.5
@@ -39,36 +43,50 @@ def load_mni152(resolution: int) -> dict[str, Any]:
     out = {name: np.asarray(array, dtype=np.float32)[box] / max(float(array.max()), 1e-6)
            for name, array in maps.items()}
     out["mask"] = mask[box]
+    out["depth"] = distance_transform_edt(out["mask"]).astype(np.float32)
     out["affine"] = mask_img.affine.copy()
     return out
 
 
-def lesion_maps(mask_shape: tuple[int, int, int], wm: np.ndarray, rng: np.random.Generator,
+def smooth_field(shape: tuple[int, int, int], rng: np.random.Generator, points: int = 4) -> np.ndarray:
+    """A smooth random field in [-1, 1] over `shape`: a `points`³ grid of uniform values, trilinearly upsampled."""
+    coarse = torch.from_numpy(rng.uniform(-1.0, 1.0, size=(1, 1, points, points, points)).astype(np.float32))
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
+
+
+def lesion_maps(mask_shape: tuple[int, int, int], wm: np.ndarray, depth: np.ndarray, rng: np.random.Generator,
                 radius_fraction: tuple[float, float]) -> dict[str, np.ndarray]:
     """Soft maps of a tumour's oedema, enhancing rim and necrotic core, centred in white matter.
+
+    The outline is an ellipsoid with a smooth random bulge (up to ±20 % of the radius), so no two
+    lesions have the same shape; the enhancing rim is thick (about half the radius) like a glioblastoma's.
 
     Args:
         mask_shape: [D, H, W] of the volume.
         wm: white-matter probability, used to place the centre.
+        depth: distance to the outside of the brain: the enhancing rim stays inside it.
         rng: generator of the subject.
-        radius_fraction: range of the core radius, as a fraction of the shortest side.
+        radius_fraction: range of the enhancing rim's outer radius, as a fraction of the shortest side.
 
     Returns:
-        {"oedema", "rim", "core"}: float32 maps in [0, 1].
+        {"oedema", "rim", "core"}: float32 maps in [0, 1] that sum to at most 1.
     """
-    candidates = np.argwhere(wm > 0.6)
-    centre = candidates[rng.integers(len(candidates))].astype(np.float32)
     radius = rng.uniform(*radius_fraction) * min(mask_shape)
-    axes = radius * rng.uniform(0.75, 1.25, size=3)  # an ellipsoid, not a ball
+    candidates = np.argwhere((wm > 0.6) & (depth > 1.3 * radius))  # a tumour cut off by the skull looks wrong
+    if len(candidates) == 0:  # only for radius_fraction far above the shipped range: the deepest white matter
+        candidates = np.argwhere((wm > 0.6) & (depth >= depth[wm > 0.6].max()))
+    centre = candidates[rng.integers(len(candidates))].astype(np.float32)
+    axes = radius * rng.uniform(0.8, 1.2, size=3)  # an ellipsoid, not a ball
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in mask_shape], indexing="ij"), axis=-1)
-    distance = np.sqrt((((grid - centre) / axes) ** 2).sum(-1))  # 1.0 on the core-rim boundary
+    distance = np.sqrt((((grid - centre) / axes) ** 2).sum(-1))  # 1.0 on the rim's outer boundary
+    distance = distance / (1.0 + 0.2 * smooth_field(mask_shape, rng))  # an irregular outline
 
-    def soft_ball(r: float, softness: float = 0.15) -> np.ndarray:
+    def soft_ball(r: float, softness: float = 0.08) -> np.ndarray:
         return 1.0 / (1.0 + np.exp((distance - r) / softness))
 
-    core = soft_ball(0.7)
+    core = soft_ball(rng.uniform(0.5, 0.6))
     rim = np.clip(soft_ball(1.0) - core, 0, 1)
-    oedema = np.clip(soft_ball(rng.uniform(1.6, 2.2), softness=0.3) - soft_ball(1.0), 0, 1)
+    oedema = np.clip(soft_ball(rng.uniform(1.7, 2.1), softness=0.2) - soft_ball(1.0), 0, 1)
     return {"oedema": oedema.astype(np.float32), "rim": rim.astype(np.float32), "core": core.astype(np.float32)}
 
 
@@ -86,9 +104,8 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
     augment_seed = int(rng.integers(2**31))
     image = (mix * template["t1"] + (1.0 - mix) * tissue) * mask
     if label == 1:  # its own generator: a subject with and without lesion differ only in the lesion
-        parts = lesion_maps(mask.shape, wm, np.random.default_rng([seed, index, 1]), radius_fraction=(0.08, 0.13))
-        for name, value in (("oedema", 0.32), ("rim", 1.4), ("core", 0.05)):  # contrast-enhanced look
-            image = image * (1.0 - parts[name]) + value * parts[name] * mask
+        image = add_lesion(image, mask, wm, template["depth"], np.random.default_rng([seed, index, 1]), mu_wm, mu_gm,
+                           mu_csf)
     subject = tio.Subject(
         image=tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)), affine=template["affine"]),
         brain=tio.LabelMap(tensor=torch.from_numpy(mask[None].astype(np.uint8)), affine=template["affine"]),
@@ -102,6 +119,27 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
     with torch.random.fork_rng(devices=[]):  # TorchIO draws from torch's global generator
         torch.manual_seed(augment_seed)
         return augment(subject)
+
+
+def add_lesion(image: np.ndarray, mask: np.ndarray, wm: np.ndarray, depth: np.ndarray, rng: np.random.Generator,
+               mu_wm: float, mu_gm: float, mu_csf: float) -> np.ndarray:
+    """`image` with a contrast-enhanced (T1-Gd-like) glioblastoma: dark necrosis, bright rim, dim oedema.
+
+    The intensities are set against the subject's own tissue means so that the lesion stays apart
+    from white matter after the per-volume percentile scaling: the rim is brighter than any white
+    matter (and, being large, sets the upper percentile), the necrotic core is as dark as CSF with a
+    mottled texture, and the oedema is darker than white matter, near grey matter.
+    """
+    parts = lesion_maps(mask.shape, wm, depth, rng, radius_fraction=(0.11, 0.15))
+    texture = smooth_field(mask.shape, rng, points=12)  # mottled necrosis, a patchy rim
+    values = {
+        "oedema": rng.uniform(0.85, 1.0) * mu_gm + 0.02 * texture,
+        "rim": rng.uniform(1.9, 2.3) * mu_wm * (1.0 + 0.1 * texture),
+        "core": mu_csf * rng.uniform(0.9, 1.3) * (1.0 + 0.4 * texture),
+    }
+    for name, value in values.items():
+        image = image * (1.0 - parts[name]) + value * parts[name] * mask
+    return image
 
 
 class TemplateCohortDataModule(VolumeDataModule):
