@@ -17,12 +17,20 @@ from jsonargparse import ArgumentParser
 
 from datamodules.atomic import atomic_folder
 from msrl.commands.parsing import command_parser
-from msrl.evaluation.figures import curves_figure, histogram_figure, metric_bars, read_scalars, slice_comparison
-from msrl.evaluation.tables import metrics_markdown, summary_rows
+from msrl.evaluation.figures import (
+    curves_figure,
+    histogram_figure,
+    metric_bars,
+    paired_forest,
+    read_scalars,
+    slice_comparison,
+)
+from msrl.evaluation.tables import metrics_markdown, paired_markdown, paired_rows, summary_rows
 from msrl.samples import read_samples
 
 CURVES = {
-    "reward_curves": (("ppo/reward/", "ppo/heldout_fid"), "PPO: reward per component (raw) and held-out FID"),
+    "reward_curves": (("ppo/reward_raw/", "ppo/heldout_fid"), "PPO: raw reward per component and held-out FID"),
+    "reward_normalised": (("ppo/reward/",), "PPO: normalised reward per component (what the advantages see)"),
     "ppo_diagnostics": (("ppo/approx_kl", "ppo/clipfrac", "ppo/loss", "ppo/kl"), "PPO diagnostics"),
     "training_curves": (("train/loss", "val/loss", "val/auroc", "val/l1", "ae/"), "training and validation curves"),
 }
@@ -77,16 +85,20 @@ def main(argv: list[str]) -> None:
 def draw(folder: Path, runs: dict[str, dict], evaluations: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
     """Draw every figure into `folder`; return the report's sections (title, table, figures with captions)."""
     sections = []
+    training = None
     figures = []
     for stem, (prefixes, title) in CURVES.items():
         path = curves_figure(runs, prefixes, title, folder / f"{stem}.png")
         if path is not None:
             figures.append((path.name, title))
     if figures:
-        sections.append({"title": "Training runs: " + ", ".join(runs), "table": None, "figures": figures})
+        training = {"title": "Training runs: " + ", ".join(runs), "tables": [], "figures": figures}
     for index, (source, result) in enumerate(evaluations.items()):
         prefix = f"eval{index}_"
         figures = []
+        forest = paired_forest(result, folder / f"{prefix}paired.png")
+        if forest is not None:
+            figures.append((forest.name, "paired differences, candidate − baseline, with 95 % intervals"))
         bars = metric_bars(result, folder / f"{prefix}metrics.png")
         if bars is not None:
             figures.append((bars.name, "FID and KID per model and extractor (lower is better)"))
@@ -99,9 +111,12 @@ def draw(folder: Path, runs: dict[str, dict], evaluations: dict[Path, dict[str, 
         histogram = histogram_figure(sources, folder / f"{prefix}histograms.png")
         if histogram is not None:
             figures.append((histogram.name, "foreground intensity histograms, real vs each model"))
-        sections.append({"title": f"Evaluation {source}", "table": summary_rows(result),
+        tables = [paired_rows(result)] if result.get("comparisons") else []
+        words = [line for line in paired_markdown(result) if line.startswith(("Beyond", "No "))]
+        sections.append({"title": f"Evaluation {source}", "tables": [*tables, summary_rows(result)], "words": words,
                          "markdown": metrics_markdown(result, summary_only=True), "figures": figures})
-    return sections
+    # the evaluations (their paired tables) open the report; the training curves follow
+    return sections + ([training] if training else [])
 
 
 def report_markdown(sections: list[dict[str, Any]]) -> str:
@@ -124,8 +139,8 @@ def report_html(sections: list[dict[str, Any]]) -> str:
              "<h1>msrl report</h1>"]
     for section in sections:
         parts.append(f"<h2>{html.escape(section['title'])}</h2>")
-        if section["table"] is not None:
-            header, rows = section["table"]
+        parts += [f"<p>{html.escape(line)}</p>" for line in section.get("words", [])]
+        for header, rows in section["tables"]:
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
             parts.append("</table>")

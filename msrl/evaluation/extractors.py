@@ -118,6 +118,7 @@ class MedicalNetExtractor(FeatureExtractor):
         else:
             self._name = f"medicalnet-resnet{depth}-random-seed{seed}"
             log.warning("%s: no weights_path given, the features are a seeded random network's", self._name)
+        self.weights_path = weights_path  # the file an evaluation checks against the reward's networks
         self.eval().requires_grad_(False)
 
     @property
@@ -161,6 +162,7 @@ class SliceExtractor(FeatureExtractor):
         if weights_path:
             load_resnet_state(self.network, weights_path)
         self._name = f"slice-resnet{depth}-{weights}-k{slices_per_plane}"
+        self.weights_path = weights_path  # the file an evaluation checks against the reward's networks
         self.eval().requires_grad_(False)
 
     @property
@@ -200,6 +202,7 @@ class ClassifierFeatureExtractor(FeatureExtractor):
         self.classifier = ClassifierModule.load_for_reward(
             checkpoint, "ClassifierFeatureExtractor", "`msrl train-reward -c configs/rewards/classifier.yaml`")
         self._name = f"indomain-classifier-{file_digest(checkpoint)}"
+        self.checkpoint_path = checkpoint  # refused by msrl evaluate when it is a reward's classifier
 
     @property
     def name(self) -> str:
@@ -228,6 +231,7 @@ class InDomainExtractor(FeatureExtractor):
 
         self.encoder = SelfSupervisedEncoderModule.load_for_extraction(checkpoint)
         self._name = f"indomain-ssl-{file_digest(checkpoint)}"
+        self.checkpoint_path = checkpoint  # the file an evaluation checks against the reward's networks
         self.eval().requires_grad_(False)
 
     @property

@@ -61,29 +61,28 @@ def curves_figure(runs: dict[str, dict[str, list[tuple[int, float]]]], prefixes:
 
 
 def metric_bars(result: dict[str, Any], path: Path) -> Path | None:
-    """FID (95 % bootstrap CI) and KID (± std over subsets) per source, one column per extractor."""
+    """FID and KID (95 % bootstrap intervals over volumes) per source against the held-out reference."""
     extractors = result["extractors"]
     if not result["entries"] or not extractors:
         return None
     fig, axes = plt.subplots(2, len(extractors), figsize=(4.5 * len(extractors), 6.5), squeeze=False)
     names = [entry["name"] for entry in result["entries"]]
+    reference = result["data"]["real_split"]
     for column, extractor in enumerate(extractors):
         view = main_view(result, extractor)
         for row, metric in enumerate(("fid", "kid")):
             ax = axes[row][column]
-            found = [find(e["records"], metric, extractor=extractor, view=view, **{"class": "all"})
-                     for e in result["entries"]]
+            found = [find(e["records"], metric, extractor=extractor, view=view, reference=reference,
+                          **{"class": "all"}) for e in result["entries"]]
             values = [r["value"] if r else float("nan") for r in found]
-            if metric == "fid":
-                errors = [[max(0.0, v - r["ci95"][0]) if r else 0.0 for v, r in zip(values, found, strict=True)],
-                          [max(0.0, r["ci95"][1] - v) if r else 0.0 for v, r in zip(values, found, strict=True)]]
-            else:
-                errors = [(r["std"] or 0.0) if r else 0.0 for r in found]
+            pairs = list(zip(values, found, strict=True))
+            errors = [[max(0.0, v - r["ci95"][0]) if r and r["ci95"] else 0.0 for v, r in pairs],
+                      [max(0.0, r["ci95"][1] - v) if r and r["ci95"] else 0.0 for v, r in pairs]]
             ax.bar(range(len(names)), values, yerr=errors, capsize=4, color=f"C{row}")
             ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
             ax.set_title(f"{metric.upper()} ({view}) — {extractor}", fontsize=8)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("lower is better; FID bars: 95 % bootstrap interval, KID bars: std over subsets")
+    fig.suptitle(f"lower is better; against the {reference} split; bars: 95 % bootstrap intervals over volumes")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -134,6 +133,31 @@ def histogram_figure(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], path
     ax.set_title("foreground intensity histograms")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def paired_forest(result: dict[str, Any], path: Path) -> Path | None:
+    """Forest plot of every paired difference (all classes): point, 95 % interval, zero line, coloured by verdict."""
+    rows = [(comparison["candidate"], row) for comparison in result.get("comparisons", [])
+            for row in comparison["records"] if row["class"] == "all"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    colours = {"better": "C2", "worse": "C3", "no difference": "0.5"}
+    for y, (_, row) in enumerate(rows):
+        scale = max(abs(row["ci95"][0]), abs(row["ci95"][1]), abs(row["difference"]), 1e-12)
+        low, high = row["ci95"][0] / scale, row["ci95"][1] / scale
+        ax.plot([low, high], [y, y], color=colours[row["verdict"]], lw=2)
+        ax.plot(row["difference"] / scale, y, "o", color=colours[row["verdict"]])
+    labels = [f"{c}: {r['metric']} ({r.get('extractor') or r.get('train_set') or '–'})"[:80] for c, r in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("difference / max(|interval end|) (each row scaled to its own interval)")
+    ax.set_title("candidate − baseline, paired; green: better, red: worse, grey: no difference", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

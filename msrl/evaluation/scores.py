@@ -1,25 +1,38 @@
-"""Every evaluation number for one set of generated volumes against the real reference.
+"""Every evaluation number of one set of volumes, as flat records.
 
-`metric_records` returns a flat list of records, one per number, each saying which metric,
-extractor, view (3d or a plane), class, sample counts and 95 % interval it has: the rows of
-metrics.json and of the tables in metrics.md and the report.
+Each record says which metric, extractor, view (3d or a plane), class, real reference (the held-out
+split by default, the training split beside it for FID), sample counts and 95 % interval it has: the
+rows of metrics.json and of the tables in metrics.md and the report. Intervals resample volumes,
+never slices (the slices of one volume are not independent; docs/design.md §5).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from msrl.evaluation.extractors import FeatureExtractor
-from msrl.evaluation.metrics import Estimate, bootstrap_ci, fid, fid_from_samples, kid, mmd, ms_ssim_diversity
-from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
+from msrl.evaluation.memorisation import memorisation_summary, nearest_distances
+from msrl.evaluation.metrics import (
+    Estimate,
+    bootstrap_ci,
+    bootstrap_mean_ci,
+    fid,
+    fid_from_samples,
+    kid,
+    mmd,
+    ms_ssim_diversity,
+)
+from msrl.evaluation.utility import LabelledVolumes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+Features = dict[str, dict[str, torch.Tensor]]  # {extractor name: {view: [N·rows per volume, F]}}
 
 
 def record(metric: str, estimate: Estimate | float, **fields: Any) -> dict[str, Any]:
@@ -40,45 +53,74 @@ def class_subsets(labels: torch.Tensor | None) -> dict[str, torch.Tensor | None]
     return subsets
 
 
-class FeatureCache:
-    """Features of the real reference per extractor, computed once and reused for every source."""
+def select_rows(features: torch.Tensor, mask: torch.Tensor | None, per_volume: int) -> torch.Tensor:
+    """Rows of the volumes in `mask` (a volume owns `per_volume` consecutive rows)."""
+    if mask is None:
+        return features
+    return features[mask.repeat_interleave(per_volume)]
 
-    def __init__(self, extractors: Sequence[FeatureExtractor], real: LabelledVolumes, batch_size: int = 8) -> None:
+
+class FeatureCache:
+    """Features of every real reference set per extractor, computed once and reused for every source.
+
+    Args:
+        extractors: the feature extractors (the first is the primary one).
+        references: {"test": volumes, "train": volumes, …}; the first is the primary reference.
+        batch_size: volumes per forward pass.
+    """
+
+    def __init__(self, extractors: Sequence[FeatureExtractor], references: dict[str, LabelledVolumes],
+                 batch_size: int = 8) -> None:
         names = [e.name for e in extractors]
         if len(set(names)) != len(names):
             raise ValueError(f"extractor names must be distinct, got {names}")
-        self.extractors, self.real, self.batch_size = list(extractors), real, batch_size
-        self.real_features = {e.name: e.extract(real.volumes, batch_size) for e in self.extractors}
+        self.extractors, self.references, self.batch_size = list(extractors), references, batch_size
+        self.primary_reference = next(iter(references))
+        self.real = {split: self.features(volumes.volumes) for split, volumes in references.items()}
+
+    def features(self, volumes: torch.Tensor) -> Features:
+        """Every extractor's features of `volumes`."""
+        return {e.name: e.extract(volumes, self.batch_size) for e in self.extractors}
 
 
-def distribution_records(cache: FeatureCache, generated: LabelledVolumes, num_bootstrap: int = 50,
+def main_view(features: dict[str, torch.Tensor]) -> str:
+    """The view a summary uses: "3d" for a volume network, else a slice network's "pooled"."""
+    return "3d" if "3d" in features else "pooled"
+
+
+def distribution_records(cache: FeatureCache, generated: Features, labels: torch.Tensor, num_bootstrap: int = 50,
                          kid_subsets: int = 100, seed: int = 0) -> list[dict[str, Any]]:
-    """FID (with bootstrap CI), KID (mean ± std over subsets) and MMD per extractor, view and class."""
+    """FID, KID and MMD against the primary reference per extractor, view and class; FID against the others."""
     rows = []
-    real_labels = cache.real.labels
-    for extractor in cache.extractors:
-        generated_features = extractor.extract(generated.volumes, cache.batch_size)
-        for view, real_view in cache.real_features[extractor.name].items():
-            generated_view = generated_features[view]
-            per_volume_real = len(real_view) // len(real_labels)  # slices per volume for 2D views, else 1
-            per_volume_generated = len(generated_view) // len(generated.labels)
-            for name, real_mask in class_subsets(real_labels).items():
-                if name != "all" and not (generated.labels == int(name)).any():
+    for reference, real_features in cache.real.items():
+        primary = reference == cache.primary_reference
+        real_labels = cache.references[reference].labels
+        for extractor, views in real_features.items():
+            for view, real_view in views.items():
+                if not primary and view != main_view(views):
                     continue
-                x = _select(real_view, real_mask, per_volume_real)
-                y = _select(generated_view, None if name == "all" else generated.labels == int(name),
-                            per_volume_generated)
-                if len(x) < 2 or len(y) < 2:
-                    log.warning("skipping %s/%s class %s: fewer than 2 feature vectors", extractor.name, view, name)
-                    continue
-                fields = {"extractor": extractor.name, "view": view, "class": name, "num_real": len(x),
-                          "num_generated": len(y)}
-                value = fid(x, y)
-                interval = bootstrap_ci(x, y, fid_from_samples, num_bootstrap, seed)
-                rows.append(record("fid", Estimate(value, interval), **fields))
-                rows.append(record("kid", kid(x, y, num_subsets=kid_subsets, seed=seed), **fields))
-                rows.append(record("mmd", Estimate(mmd(x, y), bootstrap_ci(x, y, mmd, num_bootstrap, seed)),
-                                   **fields))
+                real_rows, generated_rows = len(real_view) // len(real_labels), \
+                    len(generated[extractor][view]) // len(labels)
+                for name, real_mask in class_subsets(real_labels).items():
+                    generated_mask = None if name == "all" else labels == int(name)
+                    if generated_mask is not None and not generated_mask.any():
+                        continue
+                    x = select_rows(real_view, real_mask, real_rows)
+                    y = select_rows(generated[extractor][view], generated_mask, generated_rows)
+                    if len(x) < 2 * real_rows or len(y) < 2 * generated_rows:
+                        log.warning("skipping %s/%s class %s: fewer than 2 volumes", extractor, view, name)
+                        continue
+                    fields = {"extractor": extractor, "view": view, "class": name, "reference": reference,
+                              "num_real": len(x) // real_rows, "num_generated": len(y) // generated_rows}
+                    per_volume = {"real_per_volume": real_rows, "generated_per_volume": generated_rows}
+                    interval = bootstrap_ci(x, y, fid_from_samples, num_bootstrap, seed, **per_volume)
+                    rows.append(record("fid", Estimate(fid(x, y), interval), **fields))
+                    if not primary:
+                        continue
+                    rows.append(record("kid", kid(x, y, num_subsets=kid_subsets, seed=seed, **per_volume), **fields))
+                    statistic = partial(mmd, **per_volume)  # pairs of slices of one volume left out
+                    interval = bootstrap_ci(x, y, statistic, num_bootstrap, seed, **per_volume)
+                    rows.append(record("mmd", Estimate(statistic(x, y), interval), **fields))
     return rows
 
 
@@ -89,18 +131,67 @@ def diversity_records(volumes: torch.Tensor, num_pairs: int = 32, seed: int = 0)
                    num_generated=len(volumes), num_pairs=num_pairs)]
 
 
-def utility_records(protocol: UtilityProtocol, train: LabelledVolumes, test: LabelledVolumes, num_classes: int,
-                    train_set: str) -> list[dict[str, Any]]:
-    """Accuracy, balanced accuracy and AUROC on held-out real volumes, mean ± std over the protocol's seeds."""
-    results = protocol.evaluate(train, test, num_classes)
+def utility_records(results: dict[str, Estimate], per_seed: list[dict[str, float]], num_test: int,
+                    num_train: int, train_set: str, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Accuracy, balanced accuracy and AUROC on held-out real volumes: mean, t-interval over seeds, per seed."""
     return [record(f"utility/{name}", estimate, extractor=None, view="3d", train_set=train_set,
-                   **{"class": "all"}, num_real=len(test.labels), num_generated=len(train.labels),
-                   seeds=list(protocol.seeds))
+                   **{"class": "all"}, num_real=num_test, num_generated=num_train, seeds=list(seeds),
+                   per_seed=[run[name] for run in per_seed])
             for name, estimate in results.items()]
 
 
-def _select(features: torch.Tensor, mask: torch.Tensor | None, per_volume: int) -> torch.Tensor:
-    """Rows of the volumes in `mask` (a volume owns `per_volume` consecutive rows)."""
-    if mask is None:
-        return features
-    return features[mask.repeat_interleave(per_volume)]
+def reward_records(scores: dict[str, torch.Tensor], seed: int = 0) -> list[dict[str, Any]]:
+    """The fine-tuned run's reward components (raw) on these volumes: mean with a bootstrap interval over volumes."""
+    rows = []
+    for component, values in scores.items():
+        array = values.double().numpy()
+        interval = bootstrap_mean_ci(array, seed=seed) if len(array) > 1 else (float("nan"), float("nan"))
+        rows.append(record(f"reward_raw/{component}", Estimate(float(array.mean()), interval,
+                                                               float(array.std(ddof=1)) if len(array) > 1 else 0.0),
+                           extractor=None, view="3d", **{"class": "all"}, num_real=0, num_generated=len(array),
+                           per_volume=[float(v) for v in array]))
+    return rows
+
+
+def memorisation_records(generated: Features, volumes: torch.Tensor, cache: FeatureCache, extractor: str,
+                         train: str = "train") -> list[dict[str, Any]]:
+    """Nearest training vs nearest held-out volume of every sample, in features and in voxels.
+
+    The held-out set is the primary reference; the summary says how many samples are closer to a
+    training volume than held-out real volumes are (docs/design.md §5).
+    """
+    heldout = cache.primary_reference
+    if train not in cache.real or train == heldout:
+        return []
+    view = main_view(cache.real[train][extractor])
+    spaces = {
+        extractor: (generated[extractor][view], cache.real[train][extractor][view],
+                    cache.real[heldout][extractor][view], len(volumes)),
+        "voxels": (volumes.flatten(1).double(), cache.references[train].volumes.flatten(1).double(),
+                   cache.references[heldout].volumes.flatten(1).double(), len(volumes)),
+    }
+    rows = []
+    for space, (samples, train_rows, heldout_rows, count) in spaces.items():
+        if len(samples) != count:  # slice features: one row per volume, the mean of its slices
+            samples, train_rows, heldout_rows = (_per_volume_mean(t, n) for t, n in (
+                (samples, count), (train_rows, len(cache.references[train].labels)),
+                (heldout_rows, len(cache.references[heldout].labels))))
+        distances = nearest_distances(samples, train_rows, heldout_rows)
+        summary = memorisation_summary(distances)
+        rows.append(record("memorisation/share_closer_than_heldout", float(summary["share_closer_than_heldout"]),
+                           extractor=None if space == "voxels" else space, view="3d" if space == "voxels" else view,
+                           **{"class": "all"}, reference=f"{train} vs {heldout}", num_real=len(train_rows),
+                           num_generated=count, summary={k: _plain(v) for k, v in summary.items()},
+                           per_volume={k: [float(x) for x in v] for k, v in distances.items()
+                                       if len(v) == count}))
+    return rows
+
+
+def _per_volume_mean(rows: torch.Tensor, count: int) -> torch.Tensor:
+    return rows.reshape(count, -1, rows.shape[-1]).mean(1)
+
+
+def _plain(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.tolist()
+    return float(value) if isinstance(value, int | float) else value

@@ -1,8 +1,10 @@
-"""Markdown tables of metrics.json: a summary a reader compares at a glance, and every number in full."""
+"""Markdown tables of metrics.json: the paired differences first, a summary per model, every number in full."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from msrl.evaluation.comparison import beyond_interval
 
 
 def find(records: list[dict[str, Any]], metric: str, **fields: Any) -> dict[str, Any] | None:
@@ -23,45 +25,81 @@ def main_view(result: dict[str, Any], extractor: str) -> str:
 
 
 def format_value(row: dict[str, Any] | None, digits: int = 3) -> str:
-    """`value [lo, hi]` or `value ± std` (seed or subset averages), or `–` when absent."""
+    """`value [lo, hi]` (95 % interval), `value ± std` when there is no interval, or `–` when absent."""
     if row is None:
         return "–"
     value = f"{row['value']:.{digits}g}"
-    if row.get("std") is not None and (row["metric"].startswith("utility/") or row["metric"] == "kid"):
-        return f"{value} ± {row['std']:.2g}"
-    if row.get("ci95"):
+    if row.get("ci95") and all(v == v for v in row["ci95"]):  # NaN-free interval
         low, high = row["ci95"]
         return f"{value} [{low:.{digits}g}, {high:.{digits}g}]"
+    if row.get("std") is not None:
+        return f"{value} ± {row['std']:.2g}"
     return value
 
 
+def format_difference(row: dict[str, Any], digits: int = 3) -> str:
+    """`+0.012 [-0.003, 0.027]`: a paired difference with its interval."""
+    low, high = row["ci95"]
+    return f"{row['difference']:+.{digits}g} [{low:+.{digits}g}, {high:+.{digits}g}]"
+
+
 def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: FID and KID per extractor (all classes), MS-SSIM, utility AUROC per training set."""
-    header = ["model", "n"]
+    """Header and rows per model: FID per extractor, FID vs train, MS-SSIM, reward, memorisation, utility."""
+    reference = result["data"]["real_split"]
+    primary = result.get("primary", {}).get("extractor")
+    header = ["model", "sampler", "n"]
     columns: list[tuple[str, dict[str, Any]]] = []
     for extractor in result["extractors"]:
         view = main_view(result, extractor)
-        for metric in ("fid", "kid"):
-            header.append(f"{metric.upper()} ({extractor}, {view})")
-            columns.append((metric, {"extractor": extractor, "view": view, "class": "all"}))
-    header.append("MS-SSIM ↓ more diverse")
+        mark = " (primary)" if extractor == primary else ""
+        header.append(f"FID{mark} ({extractor}, {view}, vs {reference})")
+        columns.append(("fid", {"extractor": extractor, "view": view, "class": "all", "reference": reference}))
+    if result["data"].get("num_train") and primary:
+        header.append(f"FID ({primary}, vs train)")
+        columns.append(("fid", {"extractor": primary, "class": "all", "reference": "train"}))
+    header.append("MS-SSIM (lower = more diverse)")
     columns.append(("ms_ssim", {}))
+    if result.get("reward"):
+        header.append("reward (raw total) ↑")
+        columns.append(("reward_raw/total", {}))
+    header.append("memorised share (voxels)")
+    columns.append(("memorisation/share_closer_than_heldout", {"extractor": None}))
     for train_set in ("synthetic", "real+synthetic"):
-        header.append(f"utility AUROC ({train_set})")
-        columns.append(("utility/auroc", {"train_set": train_set}))
+        header.append(f"utility bal. acc. ({train_set})")
+        columns.append(("utility/balanced_accuracy", {"train_set": train_set}))
     rows = []
     real = result["real"]["records"]
-    real_row = ["real data", str(result["data"]["num_real"])]
+    real_row = ["real data", "–", str(result["data"]["num_real"])]
     for metric, fields in columns:
-        if metric == "utility/auroc":
+        if metric == "utility/balanced_accuracy":
             real_row.append(format_value(find(real, metric, train_set="real")) if fields["train_set"] == "synthetic"
                             else "(trained on real)")
         else:
-            real_row.append(format_value(find(real, metric, **fields)) if metric == "ms_ssim" else "–")
+            real_row.append(format_value(find(real, metric, **fields)) if metric in ("ms_ssim", "reward_raw/total")
+                            else "–")
     rows.append(real_row)
     for entry in result["entries"]:
-        rows.append([entry["name"], str(entry["num_samples"])]
+        sampler = (entry.get("sampling") or {}).get("label", "–")
+        rows.append([entry["name"], sampler, str(entry["num_samples"])]
                     + [format_value(find(entry["records"], metric, **fields)) for metric, fields in columns])
+    return header, rows
+
+
+def paired_rows(result: dict[str, Any], all_classes_only: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired differences, the primary metric first."""
+    header = ["candidate − baseline", "metric", "extractor / train set", "class", "difference [95 % CI]", "verdict"]
+    primary = result.get("primary", {})
+    rows = []
+    for comparison in result.get("comparisons", []):
+        title = f"{comparison['candidate']} − {comparison['baseline']} ({comparison['num_volumes']} paired volumes)"
+        ordered = sorted(comparison["records"], key=lambda r: (
+            not (r["metric"] == primary.get("metric") and r.get("extractor") == primary.get("extractor")),
+            r["metric"] != "fid"))
+        for row in ordered:
+            if all_classes_only and row["class"] != "all":
+                continue
+            rows.append([title, row["metric"], row.get("extractor") or row.get("train_set") or "–", row["class"],
+                         format_difference(row), row["verdict"]])
     return header, rows
 
 
@@ -72,26 +110,55 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def paired_markdown(result: dict[str, Any]) -> list[str]:
+    """The paired table and, in words, which differences are beyond their interval."""
+    if not result.get("comparisons"):
+        return ["No paired comparison (one checkpoint, or no two checkpoints sampled at the same sampler)."]
+    header, rows = paired_rows(result)
+    text = ["## Paired differences (same seeds; paired bootstrap over volumes, t-interval over utility seeds)", "",
+            markdown_table(header, rows), ""]
+    for comparison in result["comparisons"]:
+        sentences = beyond_interval(comparison)
+        if sentences:
+            text.append(f"Beyond their 95 % interval ({comparison['candidate']} vs {comparison['baseline']}): "
+                        + "; ".join(sentences) + ".")
+        else:
+            text.append(f"No difference between {comparison['candidate']} and {comparison['baseline']} is beyond "
+                        "its 95 % interval.")
+        text.append("")
+    return text
+
+
 def metrics_markdown(result: dict[str, Any], summary_only: bool = False) -> str:
-    """metrics.md: the summary table, then every record of every source."""
+    """metrics.md: the paired differences, the summary table, then every record of every source."""
     header, rows = summary_rows(result)
     data = result["data"]
     utility = "no utility" if data["num_test"] is None else f"utility tested on {data['num_test']} held-out"
+    primary = result.get("primary", {})
     text = [f"# msrl evaluation ({data['class_path']}, {data['spatial_size']}³, real reference: "
-            f"{data['real_split']} split, {data['num_real']} volumes; {utility})",
-            "", markdown_table(header, rows)]
+            f"{data['real_split']} split, {data['num_real']} volumes; {utility})", "",
+            f"Primary metric: {primary.get('metric', 'fid').upper()} with {primary.get('extractor')} "
+            f"({primary.get('view')}) against the {primary.get('reference')} split.", ""]
+    text += paired_markdown(result)
+    text += ["## Summary", "", markdown_table(header, rows)]
     if summary_only:
         return "\n".join(text)
     text += ["", "Lower is better for FID, KID and MMD; MS-SSIM near the real data's is the goal (lower = more "
-             "diverse); intervals are 95 % bootstrap percentiles, ± is the std over KID subsets or classifier seeds.",
+             "diverse). Intervals are 95 %: bootstrap over volumes for distribution metrics and rewards, a "
+             "t-interval over classifier seeds (each with its own synthetic draw) for utility. Random-weight "
+             "extractors give numbers comparable only to themselves; with tens of volumes every interval is wide.",
              "", "## Every number", ""]
-    full_header = ["source", "metric", "extractor", "view", "class", "train set", "value", "n real", "n generated"]
+    full_header = ["source", "sampler", "metric", "extractor", "view", "class", "reference / train set", "value",
+                   "n real", "n generated"]
     full_rows = []
     for name, records in [("real data", result["real"]["records"])] + [(e["name"], e["records"])
                                                                        for e in result["entries"]]:
         for row in records:
-            full_rows.append([name, row["metric"], row.get("extractor") or "–", row["view"], row["class"],
-                              row.get("train_set", "–"), format_value(row), str(row["num_real"]),
-                              str(row["num_generated"])])
+            full_rows.append([name, row.get("sampler") or "–", row["metric"], row.get("extractor") or "–", row["view"],
+                              row["class"], row.get("reference") or row.get("train_set") or "–", format_value(row),
+                              str(row["num_real"]), str(row["num_generated"])])
     text.append(markdown_table(full_header, full_rows))
+    if result.get("comparisons"):
+        header, rows = paired_rows(result, all_classes_only=False)
+        text += ["", "## Every paired difference", "", markdown_table(header, rows)]
     return "\n".join(text) + "\n"

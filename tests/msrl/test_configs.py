@@ -12,7 +12,7 @@ from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 from lightning_modules.ppo.module import PPOFinetuneModule
-from msrl.commands.training import AutoencoderCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
+from msrl.commands.training import AutoencoderCLI, ExtractorTrainingCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
 from tests.conftest import REPO
 
 # configs/rewards/multiscale.yaml needs trained critics: tests/rewards/test_rewards.py builds it with some.
@@ -68,7 +68,7 @@ def _arguments_for(config: Path) -> list[str]:
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
         return ["-c", template, "--data", str(config)]
-    if kind in ("finetune", "rewards", "autoencoder", "evaluate"):
+    if kind in ("finetune", "rewards", "autoencoder", "evaluate", "extractor"):
         return []  # built by their own CLIs below
     raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
 
@@ -87,13 +87,30 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
         assert isinstance(cli.model, PPOFinetuneModule) and cli.model.policy.hparams.spatial_size == 16
         assert (cli.model.policy.latent is not None) == latent
         return
+    if kind == "extractor":
+        from lightning_modules.extractor import SelfSupervisedEncoderModule
+
+        cli = ExtractorTrainingCLI(SelfSupervisedEncoderModule, VolumeDataModule, subclass_mode_model=True,
+                                   subclass_mode_data=True, run=False, auto_configure_optimizers=False,
+                                   args=["-c", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        assert isinstance(cli.model, SelfSupervisedEncoderModule) and cli.model.hparams.spatial_size == 64
+        return
     if kind == "evaluate":
+        from lightning_modules.extractor import SelfSupervisedEncoderModule
         from msrl.commands.evaluate import build_parser, normalise_argv
         from msrl.evaluation.extractors import FeatureExtractor
 
+        # the config reads the encoder msrl train-extractor writes: an untrained one stands in for it
+        encoder = SelfSupervisedEncoderModule(spatial_size=64, channels=(4, 4))
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+        trainer.strategy.connect(encoder)
+        trainer.save_checkpoint(tmp_path / "extractor.ckpt")
+        text = config.read_text().replace("runs/extractor/version_0/checkpoints/last.ckpt",
+                                          str(tmp_path / "extractor.ckpt"))
+        (tmp_path / "evaluate.yaml").write_text(text)
         parser = build_parser()
         built = parser.instantiate_classes(parser.parse_args(normalise_argv(
-            ["-c", str(config), "--checkpoint", "x.ckpt", "--out", str(tmp_path / "eval")])))
+            ["-c", str(tmp_path / "evaluate.yaml"), "--checkpoint", "x.ckpt", "--out", str(tmp_path / "eval")])))
         assert isinstance(built.data, VolumeDataModule) and built.extractors
         assert all(isinstance(e, FeatureExtractor) for e in built.extractors)
         return
@@ -163,3 +180,33 @@ def test_slurm_trainer_requeues_on_sigusr1(tmp_path: Path, monkeypatch: pytest.M
     environment = cli.trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     assert environment.job_id() == 42
+
+
+def test_the_demo_configs_read_one_cohort() -> None:
+    """Every stage of the 64³ demo reads the same cohort and split: a model trained on one split and
+    evaluated on another cohort would meet its own training volumes in the held-out reference."""
+    import yaml
+
+    def cohort(path: str, *keys: object) -> dict[str, object]:
+        node = yaml.safe_load((REPO / "configs" / path).read_text())
+        for key in keys:
+            node = node[key]
+        fields = ("num_subjects", "val_fraction", "test_fraction", "spatial_size", "template_resolution")
+        return {field: node["init_args"].get(field) for field in fields} | {"seed": node["init_args"].get("seed", 0)}
+
+    reference = cohort("evaluate/template.yaml", "data")
+    assert reference["num_subjects"] * reference["test_fraction"] >= 64  # >= 32 test volumes per class
+    for path, keys in (("autoencoder/template.yaml", ("data",)), ("pretrain/template_latent.yaml", ("data",)),
+                       ("extractor/template.yaml", ("data",)),
+                       ("finetune/template_latent.yaml", ("trainer", "callbacks", 0, "init_args", "data"))):
+        found = cohort(path, *keys)
+        if path.startswith("finetune"):  # the guard's data module needs no loader settings
+            assert {k: found[k] for k in reference if found[k] is not None} == \
+                {k: reference[k] for k in reference if found[k] is not None}, path
+        else:
+            assert found == reference, path
+    demo = (REPO / "scripts/demo.sh").read_text()
+    expected = (f"cohort=(num_subjects {reference['num_subjects']} spatial_size {reference['spatial_size']} "
+                f"template_resolution {reference['template_resolution']} val_fraction {reference['val_fraction']} "
+                f"test_fraction {reference['test_fraction']})")
+    assert expected in demo

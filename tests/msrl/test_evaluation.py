@@ -69,10 +69,10 @@ def test_slice_extractor_views_are_grouped_by_volume() -> None:
 def test_fid_of_real_against_itself_is_zero_and_against_noise_larger(cohort_cache: Path) -> None:
     data = _cohort(cohort_cache)
     real = _split(data, "train") + _split(data, "val") + _split(data, "test")
-    cache = FeatureCache([MedicalNetExtractor(depth=10)], real)
-    same = distribution_records(cache, real, num_bootstrap=5, kid_subsets=5)
-    noise = distribution_records(cache, LabelledVolumes(torch.rand_like(real.volumes) * 2 - 1, real.labels),
-                                 num_bootstrap=5, kid_subsets=5)
+    cache = FeatureCache([MedicalNetExtractor(depth=10)], {"all": real})
+    same = distribution_records(cache, cache.features(real.volumes), real.labels, num_bootstrap=5, kid_subsets=5)
+    noise = torch.rand_like(real.volumes) * 2 - 1
+    noise = distribution_records(cache, cache.features(noise), real.labels, num_bootstrap=5, kid_subsets=5)
     fid_same = next(r for r in same if r["metric"] == "fid" and r["class"] == "all")
     fid_noise = next(r for r in noise if r["metric"] == "fid" and r["class"] == "all")
     assert abs(fid_same["value"]) < 1e-4 and fid_noise["value"] > 1.0
@@ -95,13 +95,13 @@ def _evaluate(cache: Path, out: Path, *sources: str) -> None:
     main(["evaluate", "--data-config", str(REPO / "configs/data/template.yaml"),
           "--data.init_args.num_subjects", "8", "--data.init_args.spatial_size", "16",
           "--data.init_args.cache_dir", str(cache), "--data.init_args.val_fraction", "0.25",
-          "--data.init_args.test_fraction", "0.25", *sources, "--num-samples", "4", "--steps", "2",
+          "--data.init_args.test_fraction", "0.25", "--num-samples", "4", "--steps", "2",
           "--bootstrap", "4", "--kid-subsets", "4", "--ms-ssim-pairs", "4",
           "--utility.channels", "[8,8]", "--utility.epochs", "1", "--utility.seeds", "[0]",
           "--extractors", '[{"class_path": "msrl.evaluation.MedicalNetExtractor"}, '
                           '{"class_path": "msrl.evaluation.SliceExtractor", "init_args": {"depth": 10, '
                           '"slices_per_plane": 2}}]',
-          "--out", str(out)])
+          *sources, "--out", str(out)])  # the sources' options last: they override the defaults above
 
 
 def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
@@ -111,7 +111,8 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
     _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
               "--generated", str(tmp_path / "drawn"))
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert result["schema_version"] == 1 and len(result["extractors"]) == 2
+    assert result["schema_version"] == 2 and len(result["extractors"]) == 2
+    assert result["data"]["real_split"] == "test" and result["primary"]["extractor"] == result["extractors"][0]
     assert [e["name"] for e in result["entries"]] == ["last", "drawn"]
     for entry in result["entries"]:
         metrics = {(r["metric"], r["extractor"], r["view"]) for r in entry["records"]}
@@ -141,7 +142,7 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
 
 def test_skip_utility_needs_no_test_split(cohort_cache: Path, pretrained_checkpoint: Path, tmp_path: Path) -> None:
     _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
-              "--data.init_args.test_fraction", "0.0", "--skip-utility", "true", "--extractors",
+              "--data.init_args.test_fraction", "0.0", "--real-split", "val", "--skip-utility", "true", "--extractors",
               '[{"class_path": "msrl.evaluation.MedicalNetExtractor"}]')
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["data"]["num_test"] is None
@@ -167,3 +168,67 @@ def test_classifier_extractor_uses_the_classifiers_penultimate_layer(tmp_path: P
     extractor = ClassifierFeatureExtractor(str(tmp_path / "classifier.ckpt"))
     assert extractor.name.startswith("indomain-classifier-")
     assert extractor(torch.rand(3, 1, 16, 16, 16))["3d"].shape == (3, 16)
+
+
+RULES_REWARD = ('{"class_path": "rewards.MultiScaleReward", "init_args": {"components": ['
+                '{"class_path": "rewards.InterSliceContinuityReward"}, '
+                '{"class_path": "rewards.BrainMaskPlausibilityReward"}], "weights": [1.0, 0.5]}}')
+
+
+def test_evaluate_pairs_checkpoints_at_both_samplers_and_scores_the_trained_reward(
+        cohort_cache: Path, pretrained_checkpoint: Path, tmp_path: Path) -> None:
+    from tests.lightning_modules.test_ppo import _finetune
+
+    run = _finetune(pretrained_checkpoint, tmp_path / "runs", "--model.reward", RULES_REWARD, "--model.num_steps", "4",
+                    "--trainer.max_epochs", "1", "--model.iterations_per_epoch", "1")
+    finetuned = run / "checkpoints" / "last.ckpt"
+    _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint), "--checkpoint",
+              str(finetuned), "--names", "[pre, fine]", "--utility.seeds", "[0, 1]", "--paired-bootstrap", "20")
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # each checkpoint at the evaluation sampler (2 steps, η 0) and at the fine-tuned run's rollout sampler (4, η 1)
+    assert [e["name"] for e in result["entries"]] == ["pre", "pre [ddim4-eta1]", "fine", "fine [ddim4-eta1]"]
+    assert [e["sampling"]["label"] for e in result["entries"]] == ["ddim2-eta0", "ddim4-eta1"] * 2
+    assert all(row["sampler"] == entry["sampling"]["label"] for entry in result["entries"] for row in entry["records"])
+    # the reward that trained "fine", raw, on every set of volumes (the real ones included)
+    assert result["reward"]["from"] == str(finetuned)
+    for records in [result["real"]["records"]] + [e["records"] for e in result["entries"]]:
+        assert {"reward_raw/continuity", "reward_raw/mask", "reward_raw/total"} <= {r["metric"] for r in records}
+    # the utility of the second seed is trained on an independent draw
+    synthetic = next(r for r in result["entries"][0]["records"] if r["metric"] == "utility/auroc"
+                     and r["train_set"] == "synthetic")
+    assert len(synthetic["per_seed"]) == 2
+    # paired: fine − pre at each sampler, every distribution metric per extractor, reward and utility
+    assert [(c["candidate"], c["baseline"]) for c in result["comparisons"]] == [
+        ("fine", "pre"), ("fine [ddim4-eta1]", "pre [ddim4-eta1]")]
+    for comparison in result["comparisons"]:
+        metrics = {(r["metric"], r.get("extractor")) for r in comparison["records"] if r["class"] == "all"}
+        for extractor in result["extractors"]:
+            assert {("fid", extractor), ("kid", extractor), ("mmd", extractor)} <= metrics
+        assert ("reward_raw/total", None) in metrics
+        for row in comparison["records"]:
+            low, high = row["ci95"]
+            assert row["verdict"] in ("better", "worse", "no difference") and low <= high
+            assert row["difference"] == pytest.approx(row["candidate"] - row["baseline"], abs=1e-9) \
+                or row["metric"].startswith(("fid", "kid", "mmd"))
+    memorised = [r for r in result["entries"][0]["records"] if r["metric"].startswith("memorisation/")]
+    assert {r["extractor"] for r in memorised} == {result["extractors"][0], None}  # features and voxels
+    assert all(0.0 <= r["value"] <= 1.0 for r in memorised)
+    text = (tmp_path / "eval" / "metrics.md").read_text()
+    assert text.index("## Paired differences") < text.index("## Summary")
+    assert "fine − pre" in text and ("Beyond their 95 % interval" in text or "No difference between" in text)
+
+
+def test_evaluate_refuses_an_extractor_that_loads_a_reward_network(tmp_path: Path) -> None:
+    from lightning_modules.diffusion.latent import sha256_of
+    from msrl.evaluation.independence import refuse_shared_weights
+
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "critic.ckpt")
+    digest = sha256_of(tmp_path / "critic.ckpt")
+    networks = [{"component": "slice2d", "path": "runs/critics/last.ckpt", "sha256": digest, "checkpoint": "fine.ckpt"}]
+    extractor = MedicalNetExtractor(depth=10)
+    refuse_shared_weights([extractor], networks, None)  # random weights: nothing shared
+    extractor.checkpoint_path = str(tmp_path / "critic.ckpt")
+    with pytest.raises(ValueError, match="reward component 'slice2d'"):
+        refuse_shared_weights([extractor], networks, None)
+    with pytest.raises(ValueError, match="shares weights with the reward"):  # the same tensors inside the reward
+        refuse_shared_weights([extractor], [], torch.nn.Sequential(extractor.network))

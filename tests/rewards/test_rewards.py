@@ -65,7 +65,10 @@ def test_rule_rewards_keep_the_contract_and_prefer_real_volumes(make, cohort: Te
     for volumes in (real, noise, real.double()):
         values, components = score_components(reward, volumes, labels)
         assert values.shape == (len(real),) and torch.isfinite(values).all() and reward.name in components
-    assert reward(real, labels).min() > reward(noise, labels).max()
+    # the median real volume: since generator version 7 a lesion sets its volume's intensity scaling, so the
+    # pooled training histogram (both classes) sits between a healthy and a lesion volume's, and on this
+    # 8-subject 16³ cohort one healthy volume scores like noise on the histogram reward (seen: -0.199 vs -0.180)
+    assert reward(real, labels).median() > reward(noise, labels).max()
 
 
 def test_symmetry_can_leave_lesion_classes_alone() -> None:

@@ -1,0 +1,219 @@
+"""The computation behind `msrl evaluate`: sources → features → records → paired comparisons.
+
+`EvaluationRun` holds the real reference sets, the extractors' features of them, the fine-tuned
+run's reward and every source's volumes, and produces metrics.json's content. Reading the inputs
+and writing the outputs stay in msrl/commands/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import Namespace
+from torch import nn
+
+from datamodules.base import VolumeDataModule
+from msrl.commands.evaluate_sources import (
+    Sampler,
+    SourceVolumes,
+    checkpoint_metadata,
+    read_generated,
+    real_volumes,
+    reconstruct,
+    sample_checkpoint,
+    samplers_for,
+    source_entry,
+)
+from msrl.evaluation.comparison import paired_distribution, paired_records
+from msrl.evaluation.extractors import FeatureExtractor
+from msrl.evaluation.independence import recorded_networks, refuse_shared_weights
+from msrl.evaluation.metrics import mean_t_ci
+from msrl.evaluation.scores import (
+    SCHEMA_VERSION,
+    FeatureCache,
+    Features,
+    distribution_records,
+    diversity_records,
+    main_view,
+    memorisation_records,
+    reward_records,
+    utility_records,
+)
+from msrl.evaluation.utility import UTILITY_METRICS, LabelledVolumes, UtilityProtocol
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationRun:
+    """One `msrl evaluate` computation (see the module docstring)."""
+
+    def __init__(self, config: Namespace, protocol: UtilityProtocol, data: VolumeDataModule,
+                 extractors: list[FeatureExtractor], device: torch.device, evaluation: Sampler) -> None:
+        self.config, self.protocol, self.data, self.device, self.evaluation = config, protocol, data, device, evaluation
+        self.extractors = extractors
+        self.metadata: dict[str, dict[str, Any]] = {}
+        self.reward: nn.Module | None = None
+        self.reward_origin: dict[str, Any] | None = None
+        self.volumes: list[SourceVolumes] = []
+
+    # Inputs ------------------------------------------------------------------------------------
+    def check_independence(self, sources: dict[str, tuple[str, str]]) -> None:
+        """Read the checkpoints' records, rebuild the reward, refuse extractors that share its weights."""
+        self.metadata = {path: checkpoint_metadata(path) for kind, path in sources.values() if kind == "checkpoint"}
+        networks = recorded_networks(self.metadata)
+        if not self.config.skip_reward:
+            self.reward, self.reward_origin = self._load_reward()
+        if self.reward is not None:  # a reward given as YAML: its own network files count as well
+            from lightning_modules.ppo.reward import reward_networks
+
+            networks += [{**n, "checkpoint": "--reward"} for n in reward_networks(self.reward)]
+        refuse_shared_weights(self.extractors, networks, self.reward)
+
+    def _load_reward(self) -> tuple[nn.Module | None, dict[str, Any] | None]:
+        from rewards.loading import reward_from_config
+
+        if self.config.reward:
+            config = yaml.safe_load(Path(self.config.reward).read_text())
+            return reward_from_config(config).to(self.device).eval(), {"from": str(self.config.reward)}
+        for path, info in self.metadata.items():
+            recorded = info.get("msrl_reward") or {}
+            if recorded.get("config"):
+                reward = reward_from_config(recorded["config"], recorded.get("networks", [])).to(self.device)
+                return reward, {"from": path, "networks": recorded.get("networks", [])}
+        return None, None
+
+    def read_real(self) -> None:
+        """The real reference (and the training split beside it), and the utility classifiers' splits."""
+        config, data = self.config, self.data
+        self.reference = real_volumes(data, config.real_split)
+        references = {config.real_split: self.reference}
+        if config.real_split not in ("train", "all"):  # FID against the training split beside the held-out one
+            references["train"] = real_volumes(data, "train")
+        self.references = references
+        # the utility classifiers' splits; --skip-utility needs neither (a data set may have no test split)
+        self.train, self.test = (None, None) if config.skip_utility else (real_volumes(data, "train"),
+                                                                          real_volumes(data, "test"))
+
+    # Computation -------------------------------------------------------------------------------
+    def compute(self, sources: dict[str, tuple[str, str]]) -> dict[str, Any]:
+        """Every record of every source and every paired comparison with the baseline."""
+        config = self.config
+        cache = FeatureCache(self.extractors, self.references, config.batch_size)
+        samplers = samplers_for(self.evaluation, self.metadata) if config.rollout_sampler else [self.evaluation]
+        result: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "created": _now(),
+            "data": {"class_path": f"{type(self.data).__module__}.{type(self.data).__name__}",
+                     "spatial_size": self.data.spatial_size, "real_split": config.real_split,
+                     "num_real": len(self.reference.labels),
+                     "num_train": len(self.references["train"].labels) if "train" in self.references else None,
+                     "num_test": None if self.test is None else len(self.test.labels)},
+            "extractors": [e.name for e in self.extractors],
+            "primary": {"metric": "fid", "extractor": self.extractors[0].name,
+                        "view": main_view(cache.real[config.real_split][self.extractors[0].name]),
+                        "class": "all", "reference": config.real_split},
+            "samplers": {"evaluation": self.evaluation.label, "all": [s.as_dict() for s in samplers]},
+            "reward": self.reward_origin,
+            "real": {"records": self._real_records()},
+            "entries": [], "comparisons": [],
+        }
+        features: dict[str, Features] = {}
+        records: dict[str, list[dict[str, Any]]] = {}
+        for name, (kind, path) in sources.items():
+            for source, draws in self._load(name, kind, path, samplers):
+                print(f"msrl evaluate: {source.key}: {len(source.volumes.labels)} volumes, computing metrics",
+                      flush=True)
+                features[source.key] = cache.features(source.volumes.volumes)
+                records[source.key] = self._records(cache, source, features[source.key], draws)
+                result["entries"].append({**source_entry(source), "num_samples": len(source.volumes.labels),
+                                          "samples_dir": "samples/" + source.key.replace("/", "_").replace(" ", "_"),
+                                          "records": records[source.key]})
+                self.volumes.append(source)
+        result["comparisons"] = self._comparisons(cache, features, records)
+        return result
+
+    def _load(self, name: str, kind: str, path: str, samplers: list[Sampler]
+              ) -> list[tuple[SourceVolumes, list[LabelledVolumes]]]:
+        config = self.config
+        if kind == "checkpoint":
+            extra = 0 if config.skip_utility else max(len(self.protocol.seeds) - 1, 0)
+            sampled, draws = sample_checkpoint(name, path, samplers, self.evaluation, config.num_samples, config.seed,
+                                               config.batch_size, self.data, self.device, extra_draws=extra)
+            return [(s, [s.volumes, *draws] if s.sampler == self.evaluation else []) for s in sampled]
+        if kind == "generated":
+            source = read_generated(name, path, self.data)
+            return [(source, [source.volumes])]
+        source = reconstruct(name, path, self.reference, config.batch_size, self.device, config.real_split)
+        return [(source, [])]  # reconstructions of held-out volumes would leak into utility
+
+    def _records(self, cache: FeatureCache, source: SourceVolumes, features: Features,
+                 draws: list[LabelledVolumes]) -> list[dict[str, Any]]:
+        config, volumes = self.config, source.volumes
+        rows = distribution_records(cache, features, volumes.labels, config.bootstrap, config.kid_subsets, config.seed)
+        rows += diversity_records(volumes.volumes, config.ms_ssim_pairs, config.seed)
+        rows += self._reward_records(volumes)
+        rows += memorisation_records(features, volumes.volumes, cache, self.extractors[0].name)
+        if draws and not config.skip_utility:
+            sets = [draws[i % len(draws)] for i in range(len(self.protocol.seeds))]
+            rows += self._utility(sets, "synthetic")
+            rows += self._utility([self.train + s for s in sets], "real+synthetic")
+        sampler = None if source.sampler is None else source.sampler.label
+        return [{**row, "sampler": sampler} for row in rows]
+
+    def _real_records(self) -> list[dict[str, Any]]:
+        rows = diversity_records(self.reference.volumes, self.config.ms_ssim_pairs, self.config.seed)
+        rows += self._reward_records(self.reference)
+        if not self.config.skip_utility:
+            rows += self._utility([self.train] * len(self.protocol.seeds), "real")
+        return rows
+
+    def _utility(self, train_sets: list[LabelledVolumes], train_set: str) -> list[dict[str, Any]]:
+        runs = self.protocol.runs(train_sets, self.test, self.data.num_classes)
+        results = {name: mean_t_ci([run[name] for run in runs]) for name in UTILITY_METRICS}
+        return utility_records(results, runs, len(self.test.labels), len(train_sets[0].labels), train_set,
+                               self.protocol.seeds)
+
+    @torch.no_grad()
+    def _reward_records(self, volumes: LabelledVolumes) -> list[dict[str, Any]]:
+        if self.reward is None:
+            return []
+        from lightning_modules.ppo.reward import raw_reward_scores
+
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(volumes.labels), self.config.batch_size):
+            chunk = volumes.volumes[start : start + self.config.batch_size].to(self.device)
+            labels = volumes.labels[start : start + self.config.batch_size].to(self.device)
+            for component, values in raw_reward_scores(self.reward, chunk, labels).items():
+                parts.setdefault(component, []).append(values.detach().float().cpu())
+        return reward_records({k: torch.cat(v) for k, v in parts.items()}, self.config.seed)
+
+    def _comparisons(self, cache: FeatureCache, features: dict[str, Features],
+                     records: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Every checkpoint against the baseline, at every sampler both were drawn with (paired by seed)."""
+        checkpoints = [s for s in self.volumes if s.kind == "checkpoint"]
+        baseline_name = self.config.baseline or (checkpoints[0].name if checkpoints else None)
+        comparisons = []
+        for candidate in checkpoints:
+            if candidate.name == baseline_name:
+                continue
+            baseline = next((s for s in checkpoints if s.name == baseline_name and s.sampler == candidate.sampler),
+                            None)
+            if baseline is None:
+                continue
+            print(f"msrl evaluate: paired comparison {candidate.key} − {baseline.key}", flush=True)
+            rows = paired_distribution(cache, features[baseline.key], features[candidate.key],
+                                       candidate.volumes.labels, self.config.paired_bootstrap, self.config.seed)
+            rows += paired_records(records[baseline.key], records[candidate.key], self.config.paired_bootstrap,
+                                   self.config.seed)
+            comparisons.append({"baseline": baseline.key, "candidate": candidate.key,
+                                "sampler": candidate.sampler.label, "num_volumes": len(candidate.volumes.labels),
+                                "records": rows})
+        return comparisons
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
