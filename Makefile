@@ -16,7 +16,7 @@ CKPT ?=
 SAMPLES ?= 8
 OUT ?= samples
 
-.PHONY: install demo test test-full pretrain sample tensorboard lint bench clean
+.PHONY: install demo study test test-full pretrain sample tensorboard lint bench clean
 
 install: $(STAMP)  ## create .venv and install msrl (idempotent)
 
@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml
 
 demo: install  ## embedded data → VQ-GAN → latent pretrain → rewards → PPO → samples → evaluate → report
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+study: install  ## the CPU-sized study (4 reward arms x 3 seeds, paired evaluations) -> study_out/results.md (< 60 min)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
 
 test: install  ## the default test suite (< 10 minutes on 2 cores)
 	$(BIN)/python -m pytest -q
@@ -54,4 +57,4 @@ bench: install  ## A/B ratio benchmarks against plain PyTorch/MONAI (< 10 min on
 		$(BIN)/python -m benchmarks $(if $(filter 1 yes true,$(GPU)),--gpu)
 
 clean:
-	rm -rf $(VENV) data/cache runs samples demo_out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) data/cache runs samples demo_out study_out .pytest_cache .ruff_cache *.egg-info

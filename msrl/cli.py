@@ -28,6 +28,11 @@ VERBS: dict[str, tuple[str, str]] = {
                  "FID/KID/MMD, MS-SSIM diversity and downstream utility -> metrics.json/.md"),
     "report": ("msrl.commands.report:main", "PNG figures + report.md/.html from runs and evaluations"),
     "data": ("msrl.commands.data:main", "data check --data CONFIG: subjects, labels, splits and every problem"),
+    "study": ("msrl.commands.study:main",
+              "reward ablation arms x seeds: PPO runs, paired evaluations -> results.md/.json, figures"),
+    "export": ("msrl.commands.export:main", "a generator checkpoint -> a MONAI bundle with a model card"),
+    "merge-lora": ("msrl.commands.merge_lora:main",
+                   "a LoRA PPO checkpoint -> a plain checkpoint (adapters merged into the base weights)"),
 }
 
 

@@ -205,7 +205,7 @@ def test_the_demo_configs_read_one_cohort() -> None:
                 {k: reference[k] for k in reference if found[k] is not None}, path
         else:
             assert found == reference, path
-    demo = (REPO / "scripts/demo.sh").read_text()
+    demo = (REPO / "scripts/models.sh").read_text()  # the models of the demo and the study
     expected = (f"cohort=(num_subjects {reference['num_subjects']} spatial_size {reference['spatial_size']} "
                 f"template_resolution {reference['template_resolution']} val_fraction {reference['val_fraction']} "
                 f"test_fraction {reference['test_fraction']})")

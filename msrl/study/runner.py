@@ -1,0 +1,110 @@
+"""Running a study's units: a PPO run per arm × seed, then its paired evaluation against the pretrained model.
+
+Each step is a `msrl finetune` / `msrl evaluate` subprocess (the same commands a user runs, so a unit
+is reproducible by hand from its logged command line). Requeue-safe: the PPO run writes into a fixed
+folder (`finetune/version_0`) and resumes from its `last.ckpt`; a finished PPO run is marked by
+`finetune.json`, a finished evaluation by its metrics.json (written atomically), a finished unit by
+`unit.json`. Nothing finished is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from datamodules.atomic import atomic_write_text
+from msrl.study.plan import PRETRAINED, StudyPlan, Unit
+
+log = logging.getLogger(__name__)
+
+
+def finetune_command(plan: StudyPlan, unit: Unit, out: Path) -> list[str]:
+    """`msrl finetune` of one unit: the arm's reward, the unit's seed, its fixed run folder, resumed if begun."""
+    command = [sys.executable, "-m", "msrl.cli", "finetune"]
+    for config in plan.finetune_configs:
+        command += ["-c", config]
+    command += ["--model.init_checkpoint", plan.pretrained,
+                "--model.reward", str(out / "arms" / unit.arm / "reward.yaml"),
+                "--seed_everything", str(unit.seed), "--model.seed", str(unit.seed),
+                "--trainer.logger.init_args.save_dir", str(unit.folder),
+                "--trainer.logger.init_args.name", "finetune",
+                "--trainer.logger.init_args.version", "0", *plan.finetune_args]
+    if unit.checkpoint.is_file():  # a requeued or interrupted unit continues where it stopped
+        command += ["--ckpt_path", str(unit.checkpoint)]
+    return command
+
+
+def evaluate_command(plan: StudyPlan, unit: Unit) -> list[str]:
+    """`msrl evaluate` of one unit: pretrained (the baseline) and the arm's checkpoint, same seeds."""
+    return [sys.executable, "-m", "msrl.cli", "evaluate", "-c", plan.evaluate_config,
+            "--checkpoint", plan.pretrained, "--checkpoint", str(unit.checkpoint),
+            "--names", f"[{PRETRAINED}, {unit.arm}]", "--baseline", PRETRAINED,
+            "--seed", str(plan.evaluation_seed + unit.seed),
+            "--out", str(unit.evaluation), "--overwrite", "true", *plan.evaluate_args]
+
+
+def run_logged(command: list[str], log_file: Path, what: str) -> float:
+    """Run `command`, its output appended to `log_file`; return seconds; on failure raise with the log's tail."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("a") as stream:
+        stream.write(f"\n$ {' '.join(command)}\n")
+        stream.flush()
+        code = subprocess.call(command, stdout=stream, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{what} failed (exit {code}); its log is {log_file}. Last lines:\n{tail}")
+    return time.perf_counter() - start
+
+
+def run_unit(plan: StudyPlan, unit: Unit, out: Path) -> dict[str, object]:
+    """PPO, then evaluation, then unit.json; each step skipped when already finished. Returns unit.json."""
+    if unit.finished:
+        return json.loads((unit.folder / "unit.json").read_text())
+    seconds: dict[str, float] = {}
+    marker = unit.folder / "finetune.json"
+    if marker.is_file():
+        seconds["finetune"] = json.loads(marker.read_text())["seconds"]
+    else:
+        print(f"  {unit.arm} seed {unit.seed}: PPO fine-tuning (log: {unit.folder / 'finetune.log'})", flush=True)
+        seconds["finetune"] = run_logged(finetune_command(plan, unit, out), unit.folder / "finetune.log",
+                                         f"PPO of arm {unit.arm!r} seed {unit.seed}")
+        if not unit.checkpoint.is_file():
+            raise RuntimeError(f"PPO of arm {unit.arm!r} seed {unit.seed} wrote no {unit.checkpoint}")
+        atomic_write_text(json.dumps({"seconds": seconds["finetune"]}), marker)
+    metrics = unit.evaluation / "metrics.json"
+    if metrics.is_file():
+        seconds["evaluate"] = 0.0  # evaluated by an earlier job that stopped before writing unit.json
+    else:
+        print(f"  {unit.arm} seed {unit.seed}: evaluation against {PRETRAINED} (log: "
+              f"{unit.folder / 'evaluate.log'})", flush=True)
+        seconds["evaluate"] = run_logged(evaluate_command(plan, unit), unit.folder / "evaluate.log",
+                                         f"evaluation of arm {unit.arm!r} seed {unit.seed}")
+    record = {"arm": unit.arm, "seed": unit.seed, "status": "done", "seconds": seconds,
+              "checkpoint": str(unit.checkpoint), "metrics": str(metrics)}
+    atomic_write_text(json.dumps(record, indent=1), unit.folder / "unit.json")
+    return record
+
+
+def run_units(plan: StudyPlan, units: list[Unit], out: Path) -> list[Unit]:
+    """Run `units` one after another; a failing unit is reported and the others still run. Returns the failed."""
+    failed = []
+    for number, unit in enumerate(units, 1):
+        if unit.finished:
+            print(f"[{number}/{len(units)}] {unit.arm} seed {unit.seed}: finished earlier, kept", flush=True)
+            continue
+        print(f"[{number}/{len(units)}] {unit.arm} seed {unit.seed}", flush=True)
+        try:
+            record = run_unit(plan, unit, out)
+        except RuntimeError as error:
+            log.error("%s", error)
+            print(f"  {unit.arm} seed {unit.seed}: FAILED: {error}", file=sys.stderr, flush=True)
+            failed.append(unit)
+            continue
+        seconds = record["seconds"]
+        print(f"  done: PPO {seconds['finetune']:.0f} s, evaluation {seconds['evaluate']:.0f} s", flush=True)
+    return failed
