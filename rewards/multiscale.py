@@ -28,12 +28,16 @@ class MultiScaleReward(Reward):
         normalise: standardise the components (False: plain weighted sum of raw values).
         momentum: weight of a new batch in the running statistics.
         track_statistics: update the statistics on every call (set False to freeze them).
+        freeze_after: stop updating the statistics after this many batches (None: never). A component
+            that saturates under PPO (the mask rule near its maximum) has a running std shrinking
+            towards 0, which turns its noise into large advantages; scales frozen on the first
+            policies' samples keep each weight meaning what it meant at the start.
         name: log key of the total.
     """
 
     def __init__(self, components: Sequence[nn.Module], weights: Sequence[float] | None = None,
                  normalise: bool = True, momentum: float = 0.05, track_statistics: bool = True,
-                 name: str = "multiscale") -> None:
+                 freeze_after: int | None = None, name: str = "multiscale") -> None:
         super().__init__(name)
         if not components:
             raise ValueError("MultiScaleReward needs at least one component")
@@ -48,7 +52,9 @@ class MultiScaleReward(Reward):
             raise ValueError(f"no component may be named {RAW_TOTAL!r}: ppo/reward_raw/{RAW_TOTAL} is the weighted "
                              f"raw sum; got {self.names}")
         self.weights = weights
-        self.normalise, self.track_statistics = normalise, track_statistics
+        if freeze_after is not None and freeze_after < 1:
+            raise ValueError(f"freeze_after must be >= 1 batches (or None: never freeze), got {freeze_after}")
+        self.normalise, self.track_statistics, self.freeze_after = normalise, track_statistics, freeze_after
         self.running = RunningMoments(len(components), momentum)
 
     def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +67,8 @@ class MultiScaleReward(Reward):
         raw = self._raw_components(volumes, labels)
         stacked = torch.stack([raw[n] for n in self.names]).double()  # [K, B]
         if self.normalise:
-            if self.track_statistics:  # PPO's rollouts move them; evaluation freezes them
+            frozen = self.freeze_after is not None and int(self.running.count.min()) >= self.freeze_after
+            if self.track_statistics and not frozen:  # PPO's rollouts move them; evaluation freezes them
                 every = _gather_across_ranks(stacked)  # identical statistics, hence scales, on every rank
                 for k in range(len(self.names)):
                     self.running.update(k, every[k].mean(), every[k].var(unbiased=False))

@@ -13,21 +13,33 @@ from lightning_modules.ppo.reward import Reward
 class InterSliceContinuityReward(Reward):
     """Penalise slice-to-slice jumps that a real scan does not have (3D volumetric, rule-based).
 
-    The reward is minus the mean absolute difference between neighbouring slices along the three
-    axes, inside the foreground (voxels above `background` in either slice), so that speckle noise
-    and slice-wise discontinuities lower it while a smooth, coherent volume raises it.
+    The jump is the mean absolute difference between neighbouring slices along the three axes,
+    inside the foreground (voxels above `background` in either slice). Without a target the reward
+    is minus the jump: speckle and slice-wise discontinuities lower it, but a blurred or blank volume
+    wins. With `target` (the real volumes' mean jump, e.g. `continuity_target` of the training split)
+    the reward is minus the distance to it: real texture scores best, noise and blur both lose, and a
+    blank volume (no foreground: jump 0) scores −target.
 
     Args:
         background: intensity at or below which a voxel is background (preprocessing sets -1).
+        target: the real volumes' mean jump (None: reward = −jump, which blur and blank volumes win).
         name: log key.
     """
 
-    def __init__(self, background: float = FOREGROUND_THRESHOLD, name: str = "continuity") -> None:
+    def __init__(self, background: float = FOREGROUND_THRESHOLD, target: float | None = None,
+                 name: str = "continuity") -> None:
         super().__init__(name)
-        self.background = background
+        if target is not None and target <= 0:
+            raise ValueError(f"target must be the real volumes' mean slice-to-slice jump (> 0), got {target}")
+        self.background, self.target = background, target
 
     def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """-mean |x_{i+1} − x_i| over the three axes and the foreground: [B]."""
+        """−jump, or −|jump − target| with a target: [B]."""
+        jump = self.jump(volumes)
+        return -jump if self.target is None else -(jump - self.target).abs()
+
+    def jump(self, volumes: torch.Tensor) -> torch.Tensor:
+        """mean |x_{i+1} − x_i| over the three axes and the foreground: [B] (0 for a blank volume)."""
         volumes = volumes.float()
         total = volumes.new_zeros(volumes.shape[0])
         count = volumes.new_zeros(volumes.shape[0])
@@ -37,7 +49,7 @@ class InterSliceContinuityReward(Reward):
             foreground = ((ahead > self.background) | (behind > self.background)).float()
             total += ((ahead - behind).abs() * foreground).flatten(1).sum(1)
             count += foreground.flatten(1).sum(1)
-        return -total / count.clamp(min=1.0)
+        return total / count.clamp(min=1.0)
 
 
 class HemisphericSymmetryReward(Reward):

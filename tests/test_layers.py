@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("datamodules", "lightning_modules", "rewards", "msrl")
 # lowest first; a module belongs to the longest prefix that names it
-LAYERS = ("datamodules", "lightning_modules", "rewards", "msrl.evaluation", "msrl.samples", "msrl.commands", "msrl.cli")
+LAYERS = ("datamodules", "lightning_modules", "rewards", "msrl.evaluation", "msrl.samples", "msrl.export", "msrl.study",
+          "msrl.commands", "msrl.cli")
 
 
 def module_name(path: Path) -> str:

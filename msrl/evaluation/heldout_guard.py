@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from datamodules.base import VolumeDataModule
-from msrl.evaluation.extractors import FeatureExtractor
+from msrl.evaluation.extractors import FeatureExtractor, MedicalNetExtractor
 from msrl.evaluation.metrics import fid
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class HeldoutFIDGuard(L.Callback):
 
     Args:
         data: the data module whose held-out split is the real reference (e.g. `../data/template.yaml`).
-        extractor: feature extractor for the FID; must share no network with the reward.
+        extractor: feature extractor for the FID; must share no network with the reward (None: a MedicalNet-layout
+            ResNet-10 with seeded random weights, comparable only to itself).
         every_n_iterations: k, iterations between evaluations (also at iteration 0, before any update, and 1).
         num_samples: volumes generated per evaluation (labels alternate over the classes).
         sampler: "rollout": the rollouts' η and guidance scale, the sampler PPO trained; "deterministic":
@@ -45,7 +46,7 @@ class HeldoutFIDGuard(L.Callback):
 
     REWARD_KEY = "ppo/reward_raw/total"  # raw: the normalised ppo/reward/mean can fall while the reward rises
 
-    def __init__(self, data: VolumeDataModule, extractor: FeatureExtractor, every_n_iterations: int = 5,
+    def __init__(self, data: VolumeDataModule, extractor: FeatureExtractor | None = None, every_n_iterations: int = 5,
                  num_samples: int = 8, sampler: Literal["rollout", "deterministic"] = "rollout",
                  num_steps: int | None = None, split: str = "val", early_stop_on_heldout: bool = False,
                  patience: int = 3, seed: int = 1234) -> None:
@@ -58,6 +59,7 @@ class HeldoutFIDGuard(L.Callback):
             raise ValueError(f"sampler must be 'rollout' or 'deterministic', got {sampler!r}")
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1 or None (the rollouts' steps), got {num_steps}")
+        extractor = MedicalNetExtractor(depth=10) if extractor is None else extractor
         self.data, self.extractor, self.every, self.num_samples = data, extractor, every_n_iterations, num_samples
         self.sampler, self.num_steps, self.split, self.stop, self.patience, self.seed = sampler, num_steps, split, \
             early_stop_on_heldout, patience, seed

@@ -68,7 +68,7 @@ def _arguments_for(config: Path) -> list[str]:
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
         return ["-c", template, "--data", str(config)]
-    if kind in ("finetune", "rewards", "autoencoder", "evaluate", "extractor"):
+    if kind in ("finetune", "rewards", "autoencoder", "evaluate", "extractor", "study"):
         return []  # built by their own CLIs below
     raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
 
@@ -86,6 +86,19 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
         cli = _instantiate_finetune(config, latent_checkpoint if latent else pretrained_checkpoint, tmp_path)
         assert isinstance(cli.model, PPOFinetuneModule) and cli.model.policy.hparams.spatial_size == 16
         assert (cli.model.policy.latent is not None) == latent
+        return
+    if kind == "study":  # the plan parses; its arms name components of the reward it is run with
+        from msrl.commands.study import build_parser
+        from msrl.study.plan import StudyPlan, component_names, read_reward
+
+        args = build_parser().parse_args(["-c", str(config), "--out", str(tmp_path)])
+        plan = StudyPlan(pretrained=args.pretrained, reward=args.reward, arms=list(args.arms), seeds=list(args.seeds),
+                         finetune_configs=list(args.finetune_configs), evaluate_config=args.evaluate_config,
+                         primary=dict(args.primary))
+        reward = str(REPO / "configs/rewards/multiscale.yaml")  # scripts/study.sh points the study at a copy of it
+        names = component_names(read_reward(reward), reward)
+        assert all(set(arm.components or []) <= set(names) for arm in plan.arms) and len(plan.seeds) >= 3
+        assert all((REPO / path).is_file() for path in plan.finetune_configs)
         return
     if kind == "extractor":
         from lightning_modules.extractor import SelfSupervisedEncoderModule
@@ -151,8 +164,26 @@ def test_a_data_set_file_holds_only_what_differs_from_its_base() -> None:
         for name in ("brats2019", "oasis1"):
             keys = [line for line in (REPO / "configs" / stage / f"{name}.yaml").read_text().splitlines()
                     if line.strip() and not line.startswith("#")]
-            assert len(keys) <= 6, (stage, name, keys)
+            # fine-tuning's file also names the held-out guard's reference data (the data set's val split)
+            assert len(keys) <= (10 if stage == "finetune" else 6), (stage, name, keys)
         assert "brats" not in base.lower() and "oasis" not in base.lower()
+
+
+def test_every_finetune_config_runs_the_study_settings_and_the_guard() -> None:
+    """The advantage and timestep settings the study supports everywhere; the held-out guard on every data set."""
+    import yaml
+
+    for config in sorted((REPO / "configs" / "finetune").glob("*.yaml")):
+        node = yaml.safe_load(config.read_text())
+        model = node.get("model") or {}
+        if config.name in ("brats2019.yaml", "oasis1.yaml"):
+            guard = node["trainer"]["callbacks"][0]
+            assert guard["class_path"] == "msrl.evaluation.HeldoutFIDGuard", config
+            assert guard["init_args"]["data"] == f"../data/{config.name}", config
+            continue
+        assert model["advantage_mode"] == "batch" and model["timestep_fraction"] == 1.0, config
+        if config.name != "base.yaml":
+            assert node["trainer"]["callbacks"][0]["class_path"] == "msrl.evaluation.HeldoutFIDGuard", config
 
 
 def test_the_noise_schedule_is_written_once() -> None:

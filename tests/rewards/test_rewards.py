@@ -118,6 +118,38 @@ def test_multiscale_normalises_each_component_so_weights_mean_what_they_say() ->
     torch.testing.assert_close(raw(volumes), 2.5 * volumes.mean(dim=(1, 2, 3, 4)))
 
 
+def test_multiscale_scales_frozen_after_warm_up_keep_a_saturated_component_quiet() -> None:
+    """A component whose spread collapses (saturation) must not get huge advantages from its noise."""
+    def run(freeze_after: int | None) -> torch.Tensor:
+        composite = MultiScaleReward([_Scaled(1.0, "saturating")], freeze_after=freeze_after, momentum=0.5)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):  # warm-up: the component varies (std ~1)
+            composite.score(torch.randn(16, 1, 4, 4, 4, generator=generator) * 8)
+        for _ in range(40):  # saturated: the same value up to noise of 1e-3 per volume
+            noise = 1e-3 * torch.randn(16, 1, 1, 1, 1, generator=generator)
+            total, _ = composite.score((1 + noise).expand(-1, 1, 4, 4, 4))
+        return total
+
+    assert run(freeze_after=None).std() > 0.5  # the running std shrinks to the noise's: noise becomes signal
+    assert run(freeze_after=3).std() < 0.01  # scales of the warm-up: the noise stays small
+    with pytest.raises(ValueError, match="freeze_after"):
+        MultiScaleReward([_Scaled(1.0, "a")], freeze_after=0)
+
+
+def test_continuity_with_a_real_target_lets_neither_blur_nor_a_blank_volume_win(
+        cohort: TemplateCohortDataModule) -> None:
+    real, labels = _real(cohort, label=0)
+    target = float(InterSliceContinuityReward(background=-0.95).jump(real).mean())
+    blurred = torch.nn.functional.avg_pool3d(real, 3, stride=1, padding=1, count_include_pad=False)
+    blank = torch.full_like(real, -1.0)
+    plain, anchored = InterSliceContinuityReward(background=-0.95), \
+        InterSliceContinuityReward(background=-0.95, target=target)
+    assert plain(blurred).mean() > plain(real).mean() and plain(blank).mean() >= plain(real).mean()  # the flaw
+    assert anchored(real).mean() > anchored(blurred).mean()
+    assert anchored(real).mean() > anchored(blank).mean()
+    assert anchored(real).mean() > anchored(_noise_like(real)).mean()
+
+
 def test_multiscale_names_the_component_that_returns_nan() -> None:
     class Broken(torch.nn.Module):
         name = "broken"

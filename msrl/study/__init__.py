@@ -1,0 +1,19 @@
+"""`msrl study`: reward-ablation arms × seeds against one pretrained model, aggregated into the paper's table.
+
+The plan (msrl/study/plan.py) names the arms, seeds and inputs; the runner (msrl/study/runner.py) runs each
+unit (a PPO run and its paired evaluation) once, as subprocesses, resumable.
+
+The aggregation reads the finished units of a study folder (layout in msrl/study/aggregate.py),
+computes every number over seeds with its paired difference to the pretrained model, decides the
+claims mechanically and writes results.json, results.md and figures/.
+"""
+
+from msrl.study.aggregate import aggregate_study, study_results, write_study_results
+from msrl.study.claims import evaluate_claims
+from msrl.study.plan import PRETRAINED, Arm, StudyPlan, Unit, arm_reward, write_plan
+from msrl.study.runner import run_unit, run_units
+from msrl.study.units import BASELINE, FinishedUnit, collect_units, read_plan
+
+__all__ = ["BASELINE", "PRETRAINED", "Arm", "FinishedUnit", "StudyPlan", "Unit", "aggregate_study", "arm_reward",
+           "collect_units", "evaluate_claims", "read_plan", "run_unit", "run_units", "study_results", "write_plan",
+           "write_study_results"]

@@ -1,0 +1,178 @@
+"""The study's claims (issue #17, point 4), decided mechanically from the aggregated numbers.
+
+1. The multi-scale arm beats the pretrained model on the primary held-out FID beyond the paired 95 %
+   interval in at least 2 of 3 seeds (⌈2n/3⌉ of n planned seeds).
+2. It worsens no other FID beyond its interval: no paired FID row (every extractor's main view and
+   class against the held-out split, evaluation sampler) is worse beyond its paired interval in
+   ⌈2n/3⌉ seeds, nor beyond its t-interval over seeds.
+3. It raises synthetic-data utility: the mean paired difference of balanced accuracy (classifiers
+   trained on synthetic volumes) over seeds is above 0 with its whole 95 % t-interval.
+4. It is at least as good as the better single-scale arm on the primary FID: its mean over seeds is
+   no higher than that arm's (the better one has the lower mean), on the same seeds.
+
+Each claim "holds", "does not hold" or is "not evaluable" (units missing or rows absent), with
+the numbers it was decided on. Claims 2–4 are decided only when every planned seed of the arms they
+involve has finished (claims 1 and 2 fail early once missing seeds can no longer save them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from msrl.evaluation.paired import paired_seeds
+from msrl.study.units import find_row, row_sampler
+
+HOLDS, FAILS, OPEN = "holds", "does not hold", "not evaluable"
+
+
+def roles(study: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The multi-scale arm and the single-scale arms: from study.json "claims", else from the components."""
+    given = study.get("claims") or {}
+    components = {arm: study["components"].get(arm) for arm in study["arms"]}  # None: every component (full)
+    singles = given.get("single_scale") or [arm for arm, parts in components.items()
+                                            if parts is not None and len(parts) == 1]
+    union = set().union(*(set(components.get(arm) or []) for arm in singles))
+    multiscale = given.get("multiscale") or next(
+        (arm for arm, parts in components.items() if parts is not None and len(parts) >= 2 and set(parts) == union),
+        None)
+    return multiscale, list(singles)
+
+
+def primary_fields(study: dict[str, Any]) -> dict[str, Any]:
+    """The fields of the primary row (the table's first FID)."""
+    primary = study["primary"]
+    return {"metric": primary.get("metric", "fid"), "extractor": primary.get("extractor"),
+            "view": primary.get("view"), "class": primary.get("class", "all"),
+            "reference": primary.get("reference"), "sampler": primary.get("sampler")}
+
+
+def needed(num_seeds: int) -> int:
+    """Seeds that must agree: 2 of 3, ⌈2n/3⌉ of n."""
+    return math.ceil(2 * num_seeds / 3)
+
+
+def claim(name: str, text: str, status: str, detail: str, **numbers: Any) -> dict[str, Any]:
+    """One claim's record."""
+    return {"id": name, "claim": text, "status": status, "detail": detail, "numbers": numbers}
+
+
+def fmt(value: float | None) -> str:
+    """A number with 3 significant digits and its sign."""
+    return "–" if value is None else f"{value:+.3g}"
+
+
+def difference_text(paired: dict[str, Any]) -> str:
+    """`−1.2 [−2, −0.4] over 3 seeds; per seed −1 (better), …`."""
+    ci = paired["ci95"]
+    over = f"{fmt(paired['mean'])} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else f"{fmt(paired['mean'])} (no interval)"
+    seeds = ", ".join(f"seed {p['seed']}: {fmt(p['difference'])}"
+                      + (f" [{fmt(p['ci95'][0])}, {fmt(p['ci95'][1])}] {p['verdict']}" if p["ci95"] else "")
+                      for p in paired["per_seed"])
+    return f"mean {over} over {paired['num_seeds']} seeds ({seeds})"
+
+
+def primary_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
+    """Claim 1: better beyond the paired interval in ⌈2n/3⌉ of n planned seeds."""
+    seeds = results["study"]["seeds"]
+    text = (f"{arm} beats pretrained on the primary FID beyond the paired 95 % interval in at least "
+            f"{needed(len(seeds))} of {len(seeds)} seeds")
+    row = find_row(results["arms"][arm]["rows"], **primary_fields(results["study"]))
+    if row is None or "paired" not in row:
+        return claim("primary_fid", text, OPEN, f"no finished unit of {arm} has the primary FID row")
+    paired = row["paired"]
+    if all(p["verdict"] is None for p in paired["per_seed"]):
+        return claim("primary_fid", text, OPEN, f"the evaluations of {arm} hold no paired interval of the primary "
+                     "FID (no comparison with pretrained at its sampler)")
+    better, missing = paired["better"], len(seeds) - paired["num_seeds"]
+    detail = (f"better in {better} of {paired['num_seeds']} finished seeds ({len(seeds)} planned); {arm} − "
+              f"pretrained: {difference_text(paired)}")
+    status = HOLDS if better >= needed(len(seeds)) else FAILS if better + missing < needed(len(seeds)) else OPEN
+    return claim("primary_fid", text, status, detail, better=better, seeds=paired["seeds"], mean=paired["mean"],
+                 ci95=paired["ci95"], per_seed=paired["per_seed"])
+
+
+def other_fid_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
+    """Claim 2: no other FID worse beyond its interval in ⌈2n/3⌉ seeds or over seeds."""
+    study = results["study"]
+    seeds, primary = study["seeds"], primary_fields(study)
+    text = f"{arm} worsens no other FID beyond its interval (every extractor and class, {primary['sampler']})"
+    rows = [row for row in results["arms"][arm]["rows"]  # the rows with a paired interval per seed
+            if row["metric"] == "fid" and row["sampler"] == primary["sampler"] and "paired" in row
+            and row["reference"] == primary["reference"]
+            and any(p["verdict"] is not None for p in row["paired"]["per_seed"])
+            and not all(row.get(k) == v for k, v in primary.items())]
+    if not rows:
+        return claim("other_fid", text, OPEN, f"no other paired FID row of {arm}")
+    worse = [row for row in rows if row["paired"]["worse"] >= needed(len(seeds)) or row["paired"]["verdict"] == "worse"]
+    any_worse = [row for row in rows if row["paired"]["worse"] > 0]
+    names = [f"{r['extractor']} ({r['view']}) class {r['class']}: worse in {r['paired']['worse']}/{len(seeds)} "
+             f"seeds, {difference_text(r['paired'])}" for r in (worse or any_worse)]
+    finished = min(row["paired"]["num_seeds"] for row in rows)
+    if worse:
+        status, detail = FAILS, "worse: " + "; ".join(names)
+    elif finished < len(seeds):
+        status, detail = OPEN, f"{finished} of {len(seeds)} seeds finished; none worse so far"
+    else:
+        status = HOLDS
+        detail = f"{len(rows)} other FID rows, none worse in {needed(len(seeds))} seeds or over seeds" + (
+            "; worse in single seeds: " + "; ".join(names) if names else "")
+    return claim("other_fid", text, status, detail, rows_checked=len(rows),
+                 worse=[{k: r[k] for k in ("extractor", "view", "class")} for r in worse])
+
+
+def utility_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
+    """Claim 3: the mean paired difference of synthetic balanced accuracy is above 0 with its interval."""
+    seeds = results["study"]["seeds"]
+    fields = {"metric": "utility/balanced_accuracy", "train_set": "synthetic"}
+    text = f"{arm} raises synthetic-data utility (balanced accuracy, trained on synthetic, tested on held-out real)"
+    row = find_row(results["arms"][arm]["rows"], **fields, sampler=row_sampler(results, **fields))
+    if row is None or "paired" not in row:
+        return claim("utility", text, OPEN, f"no finished unit of {arm} has synthetic utility")
+    paired = row["paired"]
+    detail = f"{arm} − pretrained balanced accuracy: {difference_text(paired)}"
+    if paired["num_seeds"] < len(seeds) or paired["ci95"] is None:
+        return claim("utility", text, OPEN, f"{paired['num_seeds']} of {len(seeds)} seeds finished; {detail}")
+    status = HOLDS if paired["ci95"][0] > 0 else FAILS
+    return claim("utility", text, status, detail, mean=paired["mean"], ci95=paired["ci95"], seeds=paired["seeds"])
+
+
+def single_scale_claim(results: dict[str, Any], arm: str, singles: list[str]) -> dict[str, Any]:
+    """Claim 4: mean primary FID over the common seeds no higher than the better single-scale arm's."""
+    study = results["study"]
+    fields = primary_fields(study)
+    text = f"{arm} is at least as good as the better single-scale arm ({' / '.join(singles)}) on the primary FID"
+    rows = {name: find_row(results["arms"][name]["rows"], **fields) for name in [arm, *singles]
+            if name in results["arms"]}
+    if len(rows) < 2 or any(row is None for row in rows.values()):
+        return claim("single_scale", text, OPEN, "the primary FID is missing for " + ", ".join(
+            name for name in [arm, *singles] if rows.get(name) is None))
+    common = sorted(set.intersection(*(set(row["seeds"]) for row in rows.values())))
+    if len(common) < len(study["seeds"]):
+        return claim("single_scale", text, OPEN, f"{len(common)} of {len(study['seeds'])} seeds finished in all of "
+                     + ", ".join(rows))
+    values = {name: [row["values"][row["seeds"].index(s)] for s in common] for name, row in rows.items()}
+    means = {name: sum(v) / len(v) for name, v in values.items()}
+    best = min(singles, key=lambda name: means[name])
+    estimate = paired_seeds(values[best], values[arm], lower_is_better=True)
+    status = HOLDS if means[arm] <= means[best] else FAILS
+    low, high = estimate.ci95
+    detail = (f"mean primary FID over seeds {common}: {arm} {means[arm]:.4g}, " + ", ".join(
+        f"{name} {means[name]:.4g}" for name in singles) + f"; better single-scale arm {best}; {arm} − {best} "
+        f"= {fmt(estimate.difference)} [{fmt(low)}, {fmt(high)}] (paired over seeds: {estimate.verdict})")
+    return claim("single_scale", text, status, detail, means=means, best_single=best, difference=estimate.difference,
+                 ci95=[low, high] if math.isfinite(low) else None, seeds=common)
+
+
+def evaluate_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every claim of point 4 for the multi-scale arm (all "not evaluable" when the plan has none)."""
+    multiscale, singles = roles(results["study"])
+    if multiscale is None or multiscale not in results["arms"]:
+        return [claim("multiscale", "the plan has a multi-scale arm", OPEN,
+                      "no arm's components are the union of the single-scale arms' ("
+                      + ", ".join(singles) + "); name it in study.json \"claims\"")]
+    claims = [primary_claim(results, multiscale), other_fid_claim(results, multiscale),
+              utility_claim(results, multiscale)]
+    if singles:
+        claims.append(single_scale_claim(results, multiscale, singles))
+    return claims

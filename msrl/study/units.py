@@ -1,0 +1,154 @@
+"""Reading a study folder: its plan, which units finished, and each finished unit's evaluation as rows.
+
+The folder's layout is the contract written down in msrl/study/aggregate.py. A row is one number of
+an `msrl evaluate` metrics.json, named by ROW_FIELDS; a comparison row (arm − pretrained) gets the
+sampler of its comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from msrl.evaluation.comparison import HIGHER_IS_BETTER_PREFIXES
+from msrl.evaluation.scores import SCHEMA_VERSION
+from msrl.study.plan import PRETRAINED
+
+BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation
+ROW_FIELDS = ("metric", "extractor", "view", "class", "reference", "train_set", "sampler")
+Key = tuple  # a row's values of ROW_FIELDS
+
+
+@dataclass
+class FinishedUnit:
+    """One finished arm × seed: its unit.json and its evaluation's records by row key."""
+
+    arm: str
+    seed: int
+    folder: Path
+    info: dict[str, Any]
+    evaluation: dict[str, Any]  # metrics.json as written
+    baseline: dict[Key, dict[str, Any]]  # the pretrained model's records (every sampler)
+    candidate: dict[Key, dict[str, Any]]  # the arm's records
+    paired: dict[Key, dict[str, Any]]  # comparison records, arm − pretrained
+    real: dict[Key, dict[str, Any]]  # the real data's records (utility trained on real, MS-SSIM)
+
+
+def row_key(row: dict[str, Any], sampler: str | None = None) -> Key:
+    """The row's ROW_FIELDS values (`sampler` given for comparison records, which carry it per comparison)."""
+    return tuple(sampler if field == "sampler" and sampler is not None else row.get(field) for field in ROW_FIELDS)
+
+
+def find_row(rows: list[dict[str, Any]], **fields: Any) -> dict[str, Any] | None:
+    """The first aggregated row whose fields all match (`class` passed as **{"class": …}); None if none."""
+    return next((row for row in rows if all(row.get(k) == v for k, v in fields.items())), None)
+
+
+def lower_is_better(metric: str) -> bool | None:
+    """Direction of a metric; None for MS-SSIM, whose goal is the real data's value, not an extreme."""
+    if metric == "ms_ssim":
+        return None
+    return not metric.startswith(HIGHER_IS_BETTER_PREFIXES)
+
+
+def read_plan(out_dir: Path) -> dict[str, Any]:
+    """DIR/study.json, checked: arms with names and components, seeds, primary metric."""
+    path = out_dir / "study.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: a study folder holds the plan study.json (msrl study)")
+    plan = json.loads(path.read_text())
+    arms = plan.get("arms")
+    if not isinstance(arms, list) or not arms or not all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("components") or [], list)
+            for a in arms):
+        raise ValueError(f"{path}: 'arms' must be a non-empty list of {{'name': str, 'components': [str, …] or "
+                         "null (every component)}}, "
+                         f"got {arms!r}")
+    seeds = plan.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    if not isinstance(plan.get("primary", {}), dict):
+        raise ValueError(f"{path}: 'primary' must be {{'metric', 'extractor', 'class'}}, got {plan['primary']!r}")
+    return plan
+
+
+def trained_arms(plan: dict[str, Any]) -> list[str]:
+    """The arms fine-tuned by PPO, in plan order (every arm but the pretrained model)."""
+    return [arm["name"] for arm in plan["arms"] if arm["name"] != BASELINE]
+
+
+def unit_folder(out_dir: Path, arm: str, seed: int) -> Path:
+    """DIR/units/<arm>/seed_<s>."""
+    return out_dir / "units" / arm / f"seed_{seed}"
+
+
+def collect_units(out_dir: Path, plan: dict[str, Any]) -> tuple[list[FinishedUnit], list[dict[str, Any]]]:
+    """The finished units (read) and the planned ones that are not, with what their folder holds."""
+    finished, missing = [], []
+    for arm in trained_arms(plan):
+        for seed in plan["seeds"]:
+            folder = unit_folder(out_dir, arm, seed)
+            marker = folder / "unit.json"
+            info = json.loads(marker.read_text()) if marker.is_file() else None
+            if info is None or info.get("status") != "done":
+                missing.append({"arm": arm, "seed": seed, "state": unit_state(folder, info)})
+                continue
+            if info.get("arm") != arm or info.get("seed") != seed:
+                raise ValueError(f"{marker}: names arm {info.get('arm')!r}, seed {info.get('seed')!r}; its folder is "
+                                 f"arm {arm!r}, seed {seed}")
+            finished.append(read_unit(folder, arm, seed, info))
+    return finished, missing
+
+
+def unit_state(folder: Path, info: dict[str, Any] | None) -> str:
+    """Why a unit is not finished, and what a partial run left."""
+    if info is not None:
+        return f"unit.json has status {info.get('status')!r}, not 'done'"
+    if not folder.is_dir():
+        return "not started (no folder)"
+    parts = []
+    events = list((folder / "finetune").rglob("events.out.tfevents.*")) if (folder / "finetune").is_dir() else []
+    checkpoints = list(folder.rglob("*.ckpt"))
+    if (folder / "finetune").is_dir():
+        parts.append(f"finetune/ ({len(events)} event files, {len(checkpoints)} checkpoints)")
+    if (folder / "evaluation").is_dir():
+        parts.append("evaluation/ " + ("with metrics.json" if (folder / "evaluation/metrics.json").is_file()
+                                       else "without metrics.json"))
+    return "partial run: " + (", ".join(parts) if parts else "empty folder")
+
+
+def read_unit(folder: Path, arm: str, seed: int, info: dict[str, Any]) -> FinishedUnit:
+    """A finished unit's evaluation: the pretrained and the arm's records, their comparisons, the real data's."""
+    path = folder / "evaluation" / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder / 'unit.json'} says done, but {path} does not exist")
+    evaluation = json.loads(path.read_text())
+    if evaluation.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {evaluation.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    models = {entry["name"]: entry.get("model", entry["name"]) for entry in evaluation.get("entries", [])}
+    records: dict[str, dict[Key, dict[str, Any]]] = {BASELINE: {}, arm: {}}
+    for entry in evaluation["entries"]:
+        if models[entry["name"]] in records:
+            records[models[entry["name"]]].update({row_key(row): row for row in entry["records"]})
+    for name, rows in records.items():
+        if not rows:
+            raise ValueError(f"{path}: no entry of source {name!r} (entries: {sorted(models)}); a study unit "
+                             f"evaluates sources named {BASELINE!r} and {arm!r}")
+    paired = {}
+    for comparison in evaluation.get("comparisons", []):
+        if models.get(comparison["baseline"]) == BASELINE and models.get(comparison["candidate"]) == arm:
+            paired.update({row_key(row, comparison["sampler"]): row for row in comparison["records"]})
+    real = {row_key(row): row for row in evaluation.get("real", {}).get("records", [])}
+    return FinishedUnit(arm, seed, folder, info, evaluation, records[BASELINE], records[arm], paired, real)
+
+
+def row_sampler(results: dict[str, Any], **fields: Any) -> str | None:
+    """The sampler a row is read at: the primary's, else the evaluation's (utility is drawn only there)."""
+    study = results["study"]
+    every = [row for arm in results["arms"].values() for row in arm["rows"]] + results["pretrained"]["rows"]
+    for sampler in (study["primary"].get("sampler"), study["samplers"].get("evaluation")):
+        if find_row(every, **fields, sampler=sampler) is not None:
+            return sampler
+    return None
