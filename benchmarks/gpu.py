@@ -1,5 +1,11 @@
 """The GPU path of `make bench GPU=1`: throughput at 64³/128³ in bf16 and the model FLOP utilisation.
 
+Three tables, one prepared run (≤ 8 minutes on one GPU): pretraining volumes/s at 64³ and 128³ with
+flash attention and channels-last / `torch.compile` each on and off; a latent PPO iteration at 128³
+(8×32³ latents) with full fine-tuning or LoRA and whole or tiled decoding; peak memory and model FLOP
+utilisation of every row. `python -m benchmarks --gpu-dry-run` runs the same rows at 16³ on the CPU
+(compile with the "eager" backend) so that the path is tested without a GPU.
+
 FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` records the matrix
 products and convolutions (forward and backward) of one training step, which is the usual
 "model FLOPs" convention (normalisation and elementwise work are not counted). Utilisation is
@@ -9,9 +15,11 @@ those FLOPs per second of a measured step against the GPU's dense bf16 peak from
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,8 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.finetuning import msrl_rollout, ppo_iteration, ppo_module
 from benchmarks.harness import Report, Table, measure
+from benchmarks.memory import latent_ppo_module, lora_arguments
 from benchmarks.pretraining import autocast, diffusion_module, lightning_steps, synchroniser
-from benchmarks.settings import BenchConfig, Net, PPOSize
+from benchmarks.settings import GPU, TINY, BenchConfig, Net, PPOSize
+
+log = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s. Looked up by
 # the first name that occurs in torch.cuda.get_device_name(), so specific names come first.
@@ -120,3 +131,118 @@ def gpu_section(config: BenchConfig, report: Report) -> None:
     peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown: MFU not reported"
     report.tables["gpu_throughput"] = Table(f"GPU throughput, {name}, {config.precision} (bf16 peak {peak_text})",
                                             THROUGHPUT_COLUMNS, rows)
+    gpu_tables(config, GPU_PLAN, report, name)
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """The rows of `make bench GPU=1` (and of its CPU dry run).
+
+    Attributes:
+        pretrain: (network, batch) of the pretraining rows (64³ and 128³).
+        layouts: (channels_last, compile) combinations measured per pretraining size.
+        sizes: the preset whose latent first stage and PPO iteration the PPO rows use (128³ → 8×32³).
+        lora_rank: rank of the LoRA rows.
+        decode_tile: (tile side in latent voxels, overlap) of the tiled rows.
+        repeats: timed repetitions per row, after one warm-up.
+        compile_backend: `torch.compile` backend ("inductor" on the GPU, "eager" in the CPU dry run).
+    """
+
+    pretrain: tuple[tuple[Net, int], ...]
+    sizes: BenchConfig
+    decode_tile: tuple[int, float]
+    layouts: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+    lora_rank: int = 8
+    repeats: int = 3
+    compile_backend: str = "inductor"
+
+
+GPU_PLAN = GpuPlan(pretrain=GPU.gpu_sizes, sizes=GPU, decode_tile=(16, 0.625))
+DRY_PLAN = GpuPlan(pretrain=((TINY.pretrain, 1),), sizes=TINY, decode_tile=(2, 0.5), repeats=1,
+                   compile_backend="eager")
+
+
+def _peak_gib(cuda: bool) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
+def _reset_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def layout_row(net: Net, batch: int, channels_last: bool, compiled: bool, config: BenchConfig, plan: GpuPlan,
+               peak: float | None) -> list:
+    """Pretraining volumes/s, GFLOP per step, MFU and peak GiB with flash attention and this layout."""
+    cuda = config.device == "cuda"
+    module = diffusion_module(net, use_flash_attention=True, channels_last=channels_last)
+    if compiled:  # what compile_unet does (nn.Module.compile), with the plan's backend
+        module.unet.compile(backend=plan.compile_backend)
+    train = lightning_steps(module, replace(config, pretrain=net, pretrain_batch=batch))
+    train()  # warm-up: compilation, cuDNN's algorithm search
+    _reset_peak(cuda)
+    seconds = statistics.median(train() for _ in range(plan.repeats))
+    peak_gib = _peak_gib(cuda)
+    flops = training_step_flops(net, batch, config)
+    return [net.label(), batch, channels_last, compiled, batch / seconds, flops / 1e9,
+            model_flop_utilisation(flops, seconds, peak), peak_gib]
+
+
+LAYOUT_COLUMNS = ["size", "batch", "channels-last", "torch.compile", "pretrain volumes/s", "GFLOP per step",
+                  "MFU (bf16 peak)", "peak GiB"]
+
+
+def latent_ppo_row(lora_rank: int, tiled: bool, config: BenchConfig, plan: GpuPlan, peak: float | None) -> list:
+    """One latent PPO iteration: seconds, volumes/s, decode seconds, GFLOP, MFU and peak GiB."""
+    size = plan.sizes.latent.iteration
+    variant = "full fine-tuning" if lora_rank == 0 else f"LoRA rank {lora_rank}"
+    decode = f"tiled {plan.decode_tile[0]}³" if tiled else "whole"
+    if lora_arguments(lora_rank) is None:
+        return [variant, decode, size.samples, size.num_steps, "LoRA not available", None, None, None, None, None]
+    cuda = config.device == "cuda"
+    with tempfile.TemporaryDirectory() as workdir:
+        module = latent_ppo_module(size, plan.sizes, config, Path(workdir), lora_rank,
+                                   plan.decode_tile if tiled else None)
+        ppo_iteration(module, config)  # warm-up
+        _reset_peak(cuda)
+        runs = [ppo_iteration(module, config) for _ in range(plan.repeats)]
+        peak_gib = _peak_gib(cuda)
+        flops = count_flops(lambda: ppo_iteration(module, config))
+    seconds = statistics.median(run["iteration"] for run in runs)
+    return [variant, decode, size.samples, size.num_steps, seconds, size.samples / seconds,
+            statistics.median(run["decode"] for run in runs), flops / 1e9,
+            model_flop_utilisation(flops, seconds, peak), peak_gib]
+
+
+PPO_COLUMNS = ["variant", "decode", "samples", "DDIM steps", "iteration s", "volumes/s", "decode s",
+               "GFLOP per iteration", "MFU (bf16 peak)", "peak GiB"]
+
+
+def gpu_tables(config: BenchConfig, plan: GpuPlan, report: Report, device_name: str) -> None:
+    """The pretraining-layout and latent-PPO tables of `make bench GPU=1` (any device: the dry run uses the CPU)."""
+    peak = bf16_peak_flops(device_name)
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown: MFU not reported"
+    rows = []
+    for net, batch in plan.pretrain:
+        for channels_last, compiled in plan.layouts:
+            log.info("  gpu: pretraining %s, channels-last %s, compile %s", net.label(), channels_last, compiled)
+            rows.append(layout_row(net, batch, channels_last, compiled, config, plan, peak))
+    report.tables["gpu_pretraining"] = Table(
+        f"Pretraining on {device_name}, {config.precision}, flash attention (bf16 peak {peak_text})",
+        LAYOUT_COLUMNS, rows)
+    ppo_rows = []
+    for lora_rank in (0, plan.lora_rank):
+        for tiled in (False, True):
+            log.info("  gpu: latent PPO, LoRA rank %d, tiled %s", lora_rank, tiled)
+            ppo_rows.append(latent_ppo_row(lora_rank, tiled, config, plan, peak))
+    autoencoder = plan.sizes.latent.autoencoder
+    report.tables["gpu_latent_ppo"] = Table(
+        f"One latent PPO iteration at {autoencoder.spatial_size}³ ({autoencoder.latent_label()} latents, "
+        f"{plan.sizes.latent.iteration.net.label()} UNet) on {device_name}, {config.precision}", PPO_COLUMNS,
+        ppo_rows)
+
+
+def gpu_dry_run(report: Report) -> None:
+    """Every row of the GPU run at 16³ on the CPU (tests the path; its numbers mean nothing)."""
+    gpu_tables(TINY, DRY_PLAN, report, "cpu (dry run)")

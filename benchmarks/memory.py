@@ -17,6 +17,11 @@ allocator cache, earlier peak or other variant's buffers carry over. In that pro
 Besides msrl's checkpointing (each down/middle/up block recomputed whole) a third variant
 recomputes each ResNet and attention block on its own: not what msrl does, but what finer
 checkpointing would give (RESULTS.md).
+
+The memory plan (`memory_plan`, same method, one fresh process per row) measures the first
+stage's decoder on a 64³/128³/256³ volume whole and tiled (`TiledDecoding`), and one latent PPO
+iteration at 128³ with full fine-tuning and with LoRA at 1, 2 and 3 samples, from which RESULTS.md
+computes the largest batch per GPU size.
 """
 
 from __future__ import annotations
@@ -164,5 +169,154 @@ def checkpointing_memory(config: BenchConfig) -> tuple[PairResult, Table]:
     return pair, table
 
 
+def measure_decode(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in the child process: tensor peak of decoding one latent (untrained VQ-GAN), whole or tiled."""
+    from benchmarks.settings import Autoencoder
+    from lightning_modules.first_stage.tiling import TiledDecoding
+    from lightning_modules.first_stage.vqgan import AutoencoderModule
+
+    torch.set_num_threads(1)
+    autoencoder = Autoencoder(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["autoencoder"].items()})
+    module = AutoencoderModule(**autoencoder.module_kwargs()).eval()
+    side = spec["side"] // 2 ** autoencoder.downsample_levels
+    latents = torch.randn(1, autoencoder.embedding_dim, side, side, side)
+    tiling = TiledDecoding(spec["tile"], spec["overlap"], "trim")
+    with torch.no_grad():
+        peak = profiled_peak_bytes(lambda: tiling.decode(module.decode_latent, latents))
+    return {"tensor_peak_mib": peak / MIB, "volume_mib": spec["side"] ** 3 * 4 / MIB}
+
+
+def lora_arguments(rank: int) -> dict[str, Any] | None:
+    """`{"lora_rank": rank}` when `PPOFinetuneModule` takes LoRA adapters (None when it does not; {} for 0)."""
+    import inspect
+
+    from lightning_modules.ppo.module import PPOFinetuneModule
+
+    if rank == 0:
+        return {}
+    return {"lora_rank": rank} if "lora_rank" in inspect.signature(PPOFinetuneModule).parameters else None
+
+
+def measure_ppo(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in the child process: tensor peak of one latent PPO iteration (fresh Trainer, so AdamW's state too)."""
+    import tempfile
+
+    from benchmarks.finetuning import ppo_iteration
+    from benchmarks.settings import PRESETS, PPOSize
+
+    config, sizes = PRESETS[spec["preset"]], PRESETS[spec["sizes"]]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    size: PPOSize = spec_size(sizes, spec["samples"])
+    with tempfile.TemporaryDirectory() as folder:
+        module = latent_ppo_module(size, sizes, config, Path(folder), spec["lora_rank"])
+        module.policy.latent.to(config.device)  # no warm-up iteration: the profiler counts tensors, not pages
+        gc.collect()
+        weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        weights += sum(t.numel() * t.element_size() for t in module.policy.latent.autoencoder.parameters())
+        trainable = sum(p.numel() for p in module.policy.unet.parameters() if p.requires_grad)
+        peak = profiled_peak_bytes(lambda: ppo_iteration(module, config))
+    return {"tensor_peak_mib": peak / MIB, "weights_mib": weights / MIB, "trainable_parameters": trainable}
+
+
+def latent_ppo_module(size: Any, sizes: BenchConfig, config: BenchConfig, workdir: Path, lora_rank: int,
+                      decode_tile: tuple[int, float] | None = None) -> Any:
+    """A latent `PPOFinetuneModule` on `sizes`' untrained first stage; LoRA of `lora_rank` (0: full), tiled decode.
+
+    Raises:
+        ValueError: `lora_rank` > 0 while `PPOFinetuneModule` has no `lora_rank` argument.
+    """
+    from benchmarks.finetuning import untrained_reward
+    from benchmarks.latent import untrained_autoencoder
+    from benchmarks.pretraining import diffusion_module
+    from lightning_modules.ppo.module import PPOFinetuneModule
+
+    lora = lora_arguments(lora_rank)
+    if lora is None:
+        raise ValueError(f"LoRA not available: PPOFinetuneModule takes no lora_rank (asked for rank {lora_rank})")
+    autoencoder = untrained_autoencoder(sizes.latent.autoencoder, workdir)
+    tiling = {} if decode_tile is None else {"decode_tile_size": decode_tile[0], "decode_overlap": decode_tile[1]}
+    pretrained = diffusion_module(size.net, autoencoder_checkpoint=str(autoencoder), **tiling)
+    checkpoint = workdir / "pretrained.ckpt"
+    torch.save({"msrl_diffusion": pretrained.diffusion_spec(), "state_dict": pretrained.state_dict()}, checkpoint)
+    module = PPOFinetuneModule(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
+                               samples_per_iteration=size.samples, num_steps=size.num_steps, eta=1.0,
+                               timestep_fraction=size.timestep_fraction, micro_batch_size=size.micro_batch_size,
+                               iterations_per_epoch=1, image_every_n_iterations=0, **lora)
+    return module.to(config.device)
+
+
+def spec_size(config: BenchConfig, samples: int) -> Any:
+    """The memory plan's PPO size: the preset's latent iteration with `samples` volumes, 1 per micro-batch."""
+    from dataclasses import replace
+
+    return replace(config.latent.iteration, samples=samples, micro_batch_size=1, num_steps=min(
+        config.latent.iteration.num_steps, 3), timestep_fraction=1.0)
+
+
+def _child(kind: str, spec: dict[str, Any], fresh: bool = True) -> dict[str, Any]:
+    """Run one measurement in a fresh process (in this one unless `fresh`: the tiny preset) and return its JSON."""
+    if not fresh:
+        return {"decode": measure_decode, "ppo": measure_ppo}[kind](dict(spec))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.memory", json.dumps({**spec, "kind": kind})],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _finish(process)
+
+
+GPU_SIZES_GB = (24, 40, 80)
+
+
+def largest_batch(gpu_gb: int, weights_mib: float, two: float, three: float) -> int:
+    """Samples per rank that fit: the peak grows by (three − two) MiB per sample beyond two samples'.
+
+    Two and three, not one and two: with one sample per micro-batch, one sample makes one optimiser
+    step, whose peak lacks AdamW's state (allocated by that step); from two on every peak holds it.
+    """
+    per_sample = max(three - two, 1e-9)
+    fixed = weights_mib + two - 2 * per_sample
+    return max(0, int((gpu_gb * 1e9 / MIB - fixed) // per_sample))
+
+
+def memory_plan(config: BenchConfig, sizes: BenchConfig, decode_sides: tuple[int, ...], tile: int,
+                overlap: float) -> list[Table]:
+    """Decoder peaks whole vs tiled per volume side, and latent PPO peaks full vs LoRA with the largest batches.
+
+    Measured as `config` runs (device, precision), at the latent sizes of `sizes` (the GPU preset's
+    128³ → 8×32³ first stage and latent UNet for `make bench`).
+    """
+    autoencoder, fresh = asdict(sizes.latent.autoencoder), config.name != "tiny"
+    rows = []
+    for side in decode_sides:
+        whole, tiled = (_child("decode", {"autoencoder": autoencoder, "side": side, "tile": t, "overlap": overlap},
+                               fresh) for t in (None, tile))
+        rows.append([f"{side}³", whole["volume_mib"], whole["tensor_peak_mib"], tiled["tensor_peak_mib"],
+                     tiled["tensor_peak_mib"] / whole["tensor_peak_mib"]])
+    decode = Table(f"Peak tensor memory of decoding one volume (MiB; the {sizes.latent.autoencoder.latent_label()} "
+                   f"VQ-GAN's decoder, tiles of {tile}³ latent voxels, overlap {overlap}, trim)",
+                   ["volume", "volume itself", "whole", "tiled", "tiled / whole"], rows)
+    size = spec_size(sizes, 1)
+    ppo_rows = []
+    for name, rank in (("full fine-tuning", 0), ("LoRA rank 8", 8)):
+        if lora_arguments(rank) is None:
+            ppo_rows.append([name, "LoRA not available", None, None, None, None, *(None for _ in GPU_SIZES_GB)])
+            continue
+        runs = [_child("ppo", {"preset": config.name, "sizes": sizes.name, "samples": n, "lora_rank": rank}, fresh)
+                for n in (1, 2, 3)]
+        peaks = [run["tensor_peak_mib"] for run in runs]
+        ppo_rows.append([name, runs[0]["trainable_parameters"], runs[0]["weights_mib"], *peaks,
+                         *(largest_batch(gb, runs[0]["weights_mib"], peaks[1], peaks[2]) for gb in GPU_SIZES_GB)])
+    ppo = Table(f"Peak tensor memory of one latent PPO iteration ({size.net.label()} on "
+                f"{sizes.latent.autoencoder.latent_label()} latents, {size.num_steps} DDIM steps, 1 sample per "
+                f"micro-batch; MiB, {config.precision}, {config.device}) and the largest samples per iteration "
+                "that fit (computed)",
+                ["variant", "trainable parameters", "weights", "peak, 1 sample", "peak, 2 samples", "peak, 3 samples",
+                 *(f"largest batch, {gb} GB" for gb in GPU_SIZES_GB)], ppo_rows)
+    return [decode, ppo]
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    request = json.loads(sys.argv[1])
+    kind = request.pop("kind", "step")
+    print(json.dumps({"step": measure, "decode": measure_decode, "ppo": measure_ppo}[kind](request)))

@@ -1,7 +1,8 @@
 """`python -m benchmarks` (what `make bench` runs): every section, the tables, results.json, RESULTS.md.
 
     python -m benchmarks                  # CPU sizes; writes benchmarks/results.json, updates RESULTS.md
-    python -m benchmarks --gpu            # GPU sizes (bf16); benchmarks/results_gpu.json
+    python -m benchmarks --gpu            # the GPU run (bf16, ≤ 8 min): benchmarks/results_gpu.json
+    python -m benchmarks --gpu-dry-run --out x  # every GPU row at 16³ on the CPU: checks that path (tests)
     python -m benchmarks --tiny --out x   # 16³, one repetition: checks the machinery (tests)
     python -m benchmarks --sections ppo   # some sections only
 """
@@ -23,9 +24,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu import gpu_dry_run
 from benchmarks.harness import Report, update_markdown_block
 from benchmarks.sections import SECTIONS, run_sections
-from benchmarks.settings import PRESETS, BenchConfig
+from benchmarks.settings import PRESETS, TINY, BenchConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,8 +71,13 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_benchmarks(config: BenchConfig, command: str, sections: list[str] | None = None) -> Report:
-    """Run the sections at these sizes and return the report (nothing written)."""
+# What `make bench GPU=1` runs unless --sections says otherwise: the GPU section alone fits in 8 minutes
+GPU_SECTIONS = ["gpu"]
+
+
+def run_benchmarks(config: BenchConfig, command: str, sections: list[str] | None = None,
+                   dry_run: bool = False) -> Report:
+    """Run the sections at these sizes (or, `dry_run`, the GPU rows at 16³ on the CPU); nothing written."""
     _quiet()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -79,7 +86,10 @@ def run_benchmarks(config: BenchConfig, command: str, sections: list[str] | None
     torch.manual_seed(0)
     start = time.perf_counter()
     report = Report(meta=context(config, command))
-    run_sections(config, report, sections)
+    if dry_run:
+        gpu_dry_run(report)
+    else:
+        run_sections(config, report, sections)
     report.meta["wall_seconds"] = time.perf_counter() - start
     return report
 
@@ -91,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--gpu", action="store_true", help="GPU sizes: 64³/128³, bf16-mixed (needs CUDA)")
     size.add_argument("--tiny", action="store_true", help="16³, one repetition: checks the machinery only")
+    size.add_argument("--gpu-dry-run", action="store_true",
+                      help="the GPU run's rows at 16³ on the CPU, one repetition: checks that path only")
     parser.add_argument("--repeats", type=int, help="timed repetitions per pair (default: the preset's)")
     parser.add_argument("--sections", help=f"comma-separated subset of {[name for name, _ in SECTIONS]}")
     parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results.json, "
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="RESULTS.md whose block of this preset is replaced "
                                                       "(default benchmarks/RESULTS.md, none with --tiny or --out)")
     args = parser.parse_args(argv)
-    config = PRESETS["gpu" if args.gpu else "tiny" if args.tiny else "cpu"]
+    config = TINY if args.gpu_dry_run else PRESETS["gpu" if args.gpu else "tiny" if args.tiny else "cpu"]
     if args.repeats:
         config = dataclasses.replace(config, repeats=args.repeats)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -107,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     if os.environ.get("MSRL_BENCH_COMMAND"):  # `make bench` says what the user typed
         command = os.environ["MSRL_BENCH_COMMAND"]
-    sections = args.sections.split(",") if args.sections else None
-    report = run_benchmarks(config, command.strip(), sections)
+    sections = args.sections.split(",") if args.sections else (GPU_SECTIONS if args.gpu else None)
+    report = run_benchmarks(config, command.strip(), sections, dry_run=args.gpu_dry_run)
     text = report.markdown()
     print(text)
     out = args.out or HERE / ("results_gpu.json" if config.device == "cuda" else "results.json")
     report.write_json(out)
-    markdown = args.markdown or (None if args.tiny or args.out else HERE / "RESULTS.md")
+    markdown = args.markdown or (None if args.tiny or args.gpu_dry_run or args.out else HERE / "RESULTS.md")
     if markdown is not None:
         update_markdown_block(markdown, config.name, text)
     print(f"\nwrote {out}" + (f" and the `{config.name}` block of {markdown}" if markdown else ""))

@@ -32,9 +32,9 @@ from benchmarks.gpu import gpu_section
 from benchmarks.harness import PairResult, Report, Table, compare, medians
 from benchmarks.latent import PHASES as LATENT_PHASES
 from benchmarks.latent import latent_split, rollout_to_volumes, untrained_autoencoder
-from benchmarks.memory import checkpointing_memory
+from benchmarks.memory import checkpointing_memory, memory_plan
 from benchmarks.pretraining import HandWrittenTraining, diffusion_module, lightning_steps, synchroniser
-from benchmarks.settings import BenchConfig, LatentBench, PPOSize
+from benchmarks.settings import PRESETS, BenchConfig, LatentBench, PPOSize
 from lightning_modules.ppo.module import PPOFinetuneModule
 
 log = logging.getLogger(__name__)
@@ -186,11 +186,27 @@ def memory(config: BenchConfig, report: Report) -> None:
     report.tables["memory"] = table
 
 
+# The memory plan's sizes per preset: `make bench` measures the GPU preset's 128³ → 8×32³ latent model
+# on the CPU; decoding at these volume sides, in tiles of TILE³ latent voxels with OVERLAP (margin 5).
+PLAN_SIZES = {"cpu": ("gpu", (64, 128, 256)), "gpu": ("gpu", (64, 128, 256)), "tiny": ("tiny", (16, 32))}
+PLAN_TILE = {"cpu": (16, 0.625), "gpu": (16, 0.625), "tiny": (2, 0.5)}
+
+
+def plan(config: BenchConfig, report: Report) -> None:
+    """Decoder peaks whole vs tiled at 64³/128³/256³ and latent PPO peaks full vs LoRA (memory plan)."""
+    sizes, sides = PLAN_SIZES[config.name]
+    tile, overlap = PLAN_TILE[config.name]
+    decode, ppo_memory = memory_plan(config, PRESETS[sizes], sides, tile, overlap)
+    report.tables["decode_memory"] = decode
+    report.tables["ppo_memory"] = ppo_memory
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("pretrain", pretrain_step),
     ("ppo", ppo),
     ("latent", latent),
     ("memory", memory),
+    ("plan", plan),
     ("scaling", scaling),
     ("gpu", gpu_section),
 ]

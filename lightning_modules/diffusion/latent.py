@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.first_stage.tiling import Blend, TiledDecoding
+
 TRAIN_HOW_TO = "train one with `msrl train-autoencoder -c configs/autoencoder/template.yaml`"
 
 
@@ -34,17 +36,26 @@ class LatentSpace:
     Args:
         checkpoint: an `msrl train-autoencoder` checkpoint (read with weights_only=True).
         expected_sha256: the hash recorded when the diffusion model was trained (None: not checked).
-        decode_batch_size: latents decoded per forward pass (bounds the decoder's memory at 128³).
+        decode_batch_size: latents decoded per forward pass; when tiled, tiles per forward pass.
+        decode_tile_size: side of a latent tile decoded at once (`TiledDecoding`); None decodes each
+            latent whole. Tiling bounds the decoder's memory by the tile, not the volume (128³–256³).
+        decode_overlap: fraction of a tile shared with each neighbour, in [0, 1).
+        decode_blend: "trim", "gaussian" or "constant" weighting of overlapping tiles (`TiledDecoding`).
     """
 
-    def __init__(self, checkpoint: str | Path, expected_sha256: str | None = None, decode_batch_size: int = 4) -> None:
+    def __init__(self, checkpoint: str | Path, expected_sha256: str | None = None, decode_batch_size: int = 4,
+                 decode_tile_size: int | None = None, decode_overlap: float = 0.625,
+                 decode_blend: Blend = "trim") -> None:
         from lightning_modules.first_stage.base import FirstStageModule
 
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"this latent diffusion model needs its autoencoder checkpoint {path}, which does "
                                     f"not exist: restore that file (or {TRAIN_HOW_TO} and pretrain again)")
+        if decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size must be >= 1, got {decode_batch_size}")
         self.path, self.sha256, self.decode_batch_size = path, sha256_of(path), decode_batch_size
+        self.tiling = TiledDecoding(decode_tile_size, decode_overlap, decode_blend, tiles_per_pass=decode_batch_size)
         if expected_sha256 is not None:
             self.check_sha256(expected_sha256)
         self.autoencoder = FirstStageModule.from_msrl_checkpoint(path)
@@ -104,9 +115,9 @@ class LatentSpace:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, S, S, S] in [-1, 1] of scaled latents, `decode_batch_size` at a time."""
+        """Images [B, C, S, S, S] in [-1, 1] of scaled latents, `decode_batch_size` at a time (tiled if set)."""
         self.to(latents.device)
-        parts = [self.autoencoder.decode_latent(chunk.float() / self.scale_factor)
+        parts = [self.tiling.decode(self.autoencoder.decode_latent, chunk.float() / self.scale_factor)
                  for chunk in latents.split(self.decode_batch_size)]
         return torch.cat(parts)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_modules.checkpoint_io import load_weights, rebuild_module, resume_random_states, save_random_states
 from lightning_modules.diffusion.latent import LatentSpace
+from lightning_modules.diffusion.lora import LORA_KEY, load_lora_model
 from lightning_modules.diffusion.noise_schedules import default_noise_scheduler, schedule_from_betas
 from lightning_modules.diffusion.optim import warmup_cosine_schedule
 from lightning_modules.diffusion.sampling import ddim_from_training_schedule, sample
@@ -61,6 +62,16 @@ class DiffusionModule(L.LightningModule):
         use_flash_attention: MONAI's flash / memory-efficient attention (PyTorch SDPA) in the UNet.
         channels_last: channels-last-3D layout for the UNet's weights and inputs (GPU path).
         compile_unet: `torch.compile` the UNet (GPU path; off until measured to pay).
+        decode_batch_size: latents decoded per decoder pass (tiles per pass when tiled); latent models only.
+        decode_tile_size: decode latents tile by tile, tiles of this side in latent voxels, with
+            MONAI's `SlidingWindowInferer` (`TiledDecoding`): the decoder's peak memory then depends
+            on the tile, not the volume (128³–256³). None (default): each latent decoded whole.
+            Used wherever samples become volumes: PPO's reward, `msrl sample`, `msrl evaluate`, previews.
+        decode_overlap: fraction of a tile shared with each neighbour, in [0, 1); overlap · tile should
+            be whole latent voxels.
+        decode_blend: "trim" (each voxel from the tile holding it deepest: equal to whole decoding once
+            overlap · tile / 2 covers the decoder's reach, 5 latent voxels for msrl's VQ-GAN),
+            "gaussian" or "constant" (MONAI's blends of overlapping tiles).
     """
 
     def __init__(
@@ -90,6 +101,10 @@ class DiffusionModule(L.LightningModule):
         use_flash_attention: bool = False,
         channels_last: bool = False,
         compile_unet: bool = False,
+        decode_batch_size: int = 4,
+        decode_tile_size: int | None = None,
+        decode_overlap: float = 0.625,
+        decode_blend: Literal["constant", "gaussian", "trim"] = "trim",
     ) -> None:
         super().__init__()
         if len(channels) != len(attention_levels):
@@ -106,7 +121,9 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["noise_scheduler"])
         self.noise_scheduler = noise_scheduler
         self.null_class = num_classes if num_classes > 0 else None
-        self.latent = None if autoencoder_checkpoint is None else LatentSpace(autoencoder_checkpoint)
+        self.latent = None if autoencoder_checkpoint is None else LatentSpace(
+            autoencoder_checkpoint, decode_batch_size=decode_batch_size, decode_tile_size=decode_tile_size,
+            decode_overlap=decode_overlap, decode_blend=decode_blend)
         if self.latent is not None:
             self.latent.check_images(in_channels, spatial_size)
         unet_channels = self.sample_shape[0]
@@ -258,11 +275,17 @@ class DiffusionModule(L.LightningModule):
 
     @classmethod
     def from_msrl_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
-        """The diffusion model inside any msrl checkpoint (pretraining or PPO), read weights-only."""
+        """The diffusion model inside any msrl checkpoint (pretraining or PPO), read weights-only.
+
+        A LoRA PPO checkpoint (`msrl_lora`) holds adapters only: its base checkpoint is read (refused when
+        missing or changed) and the adapters are merged in, so the model returned is a plain one.
+        """
         checkpoint = load_weights(path, map_location)
         spec = checkpoint.get("msrl_diffusion") if isinstance(checkpoint, dict) else None
         if spec is None:
             raise ValueError(f"checkpoint {path} was not written by msrl pretrain or finetune (no msrl_diffusion)")
+        if LORA_KEY in checkpoint:
+            return load_lora_model(cls, path, checkpoint, map_location)
         schedule = schedule_from_betas(spec["noise_schedule"]["betas"], spec["noise_schedule"]["prediction_type"])
         model = rebuild_module(cls, {**spec["hparams"], "noise_scheduler": schedule}, checkpoint["state_dict"],
                                prefix=spec["prefix"])

@@ -3,6 +3,7 @@
 from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.kl import KLAutoencoderModule
 from lightning_modules.first_stage.settings import FirstStageTraining
+from lightning_modules.first_stage.tiling import TiledDecoding
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 
-__all__ = ["AutoencoderModule", "FirstStageModule", "FirstStageTraining", "KLAutoencoderModule"]
+__all__ = ["AutoencoderModule", "FirstStageModule", "FirstStageTraining", "KLAutoencoderModule", "TiledDecoding"]

@@ -56,7 +56,8 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     The ratio is computed in float32 at least (fp16 ratios overflow, docs/design.md §3).
 
     Returns:
-        The loss and its diagnostics: approx_kl (½·mean((Δ logp)²)), clipfrac, ratio_mean.
+        The loss and its diagnostics: approx_kl (½·mean((Δ logp)²)), clipfrac, ratio_mean and
+        ratio_max_abs_dev (max |r − 1|).
     """
     delta = (log_prob.float() - old_log_prob.float())
     ratio = torch.exp(delta)
@@ -67,5 +68,6 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
         "approx_kl": 0.5 * (delta.detach() ** 2).mean(),
         "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
         "ratio_mean": ratio.detach().mean(),
+        "ratio_max_abs_dev": (ratio.detach() - 1.0).abs().max(),
     }
     return loss, stats

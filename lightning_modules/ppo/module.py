@@ -20,7 +20,6 @@ rollouts and rebuild the reward (`rewards.reward_from_checkpoint`).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -34,21 +33,26 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from datamodules.resumable import ResumableLoader
-from lightning_modules.diffusion.module import DiffusionModule
-from lightning_modules.diffusion.sampling import (
-    Trajectory,
-    ddim_step_mean,
-    gaussian_log_prob,
-    guided_prediction,
-    sample,
+from lightning_modules.diffusion.lora import (
+    DEFAULT_TARGETS,
+    LORA_KEY,
+    AdapterEMA,
+    add_lora,
+    drop_base_weights,
+    lora_record,
 )
+from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.diffusion.sampling import Trajectory, sample
 from lightning_modules.lightning_internals import cli_model_arguments
-from lightning_modules.ppo.advantages import ClassAdvantageNormaliser, clipped_surrogate
+from lightning_modules.ppo.advantages import ClassAdvantageNormaliser
 from lightning_modules.ppo.reward import RAW_TOTAL, raw_total_of, reward_networks, score_components
+from lightning_modules.ppo.update import PPOUpdate
 from lightning_modules.visualize import slice_grid
 
+BASE_PREFIXES = ("policy.unet.", "policy.ema.module.")  # where a LoRA run's frozen base weights sit
 
-class PPOFinetuneModule(L.LightningModule):
+
+class PPOFinetuneModule(PPOUpdate, L.LightningModule):
     """PPO on the denoising steps of a pretrained `DiffusionModule`, against any reward module.
 
     Args:
@@ -61,7 +65,13 @@ class PPOFinetuneModule(L.LightningModule):
         guidance_scale: classifier-free guidance weight of rollouts and updates (1: none).
         init_from_ema: start the policy from the pretrained EMA weights (else the raw weights).
         trainable_blocks: prefixes of UNet parameter names to train (None: every weight),
-            e.g. ["up_blocks", "out"].
+            e.g. ["up_blocks", "out"]. Not with LoRA (choose `lora_targets` instead).
+        lora_rank: rank of LoRA adapters (PEFT) to train instead of the UNet's weights; 0: full
+            fine-tuning. With LoRA the frozen base is the KL reference, the optimiser and the EMA
+            hold the adapters only, and checkpoints hold the adapters plus the base checkpoint's
+            path and SHA-256 (lightning_modules/diffusion/lora.py).
+        lora_alpha: LoRA's α; the adapters' update is scaled by α/r (None: α = r).
+        lora_targets: UNet layers that get adapters, by name or name ending (Conv3d and Linear).
         num_inner_epochs: PPO passes over each iteration's samples.
         timestep_fraction: share of the stochastic denoising steps trained on per inner epoch.
         micro_batch_size: samples per forward pass in the update; gradients of all chosen steps of a
@@ -73,6 +83,10 @@ class PPOFinetuneModule(L.LightningModule):
         kl_coef: weight of the KL to the frozen pretrained model per step (DPOK); 0: no reference.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        adam_betas: AdamW's (β1, β2). β2 sets how long early gradients keep later steps small: with the default
+            0.999 the first iterations' large gradients held the demo's later steps ~10³× smaller (approx_kl
+            6e-4 → 8e-9 by iteration 5 while the gradient norm fell only 10×); a shorter memory keeps the
+            step near `lr`.
         max_grad_norm: gradient-norm clip.
         ema_decay: EMA of the policy weights (what `msrl sample` uses afterwards).
         iterations_per_epoch: PPO iterations per Lightning epoch (epochs only pace checkpoints).
@@ -90,7 +104,9 @@ class PPOFinetuneModule(L.LightningModule):
         logprob_reduction: Literal["mean", "sum"] = "mean", clip_range: float = 1e-4, adv_clip_max: float = 5.0,
         advantage_mode: Literal["batch", "running"] = "batch", kl_coef: float = 0.0, lr: float = 1e-5,
         weight_decay: float = 0.0, max_grad_norm: float = 1.0, ema_decay: float = 0.9, iterations_per_epoch: int = 5,
-        image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5,
+        image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5, lora_rank: int = 0,
+        lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         super().__init__()
         given = cli_model_arguments()  # LightningCLI's config of this module; None when built in Python
@@ -99,14 +115,26 @@ class PPOFinetuneModule(L.LightningModule):
             raise ValueError(f"eta must be > 0 for PPO (a deterministic step has no log-probability), got {eta}")
         if not 0 < timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(adam_betas)}")
+        if lora_rank < 0 or (lora_rank > 0 and trainable_blocks is not None):
+            raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {lora_rank}; with LoRA choose the "
+                             f"layers by lora_targets, not trainable_blocks ({trainable_blocks})")
         self.save_hyperparameters(ignore=["reward"])
         self.automatic_optimization = False
         self.policy = DiffusionModule.from_msrl_checkpoint(init_checkpoint)
         if init_from_ema:
             self.policy.unet.load_state_dict(self.policy.ema.module.state_dict())
-        self.policy.ema = AveragedModel(self.policy.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
-                                        use_buffers=True).requires_grad_(False)
-        self.reference = copy.deepcopy(self.policy.unet).requires_grad_(False).eval() if kl_coef > 0 else None
+        self.lora = None if lora_rank == 0 else lora_record(lora_rank, lora_alpha, lora_targets, init_checkpoint,
+                                                            "ema" if init_from_ema else "raw")
+        if self.lora is not None:  # the base stays frozen: it is the KL reference, with the adapters off
+            add_lora(self.policy.unet, lora_rank, lora_alpha, lora_targets)
+            self.policy.ema = AdapterEMA(self.policy.unet, ema_decay)
+        else:
+            self.policy.ema = AveragedModel(self.policy.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+                                            use_buffers=True).requires_grad_(False)
+        full_reference = kl_coef > 0 and self.lora is None
+        self.reference = copy.deepcopy(self.policy.unet).requires_grad_(False).eval() if full_reference else None
         self.reward = reward.requires_grad_(False).eval()
         num_classes = self.policy.hparams.num_classes
         if class_probs is not None and (len(class_probs) != num_classes or abs(sum(class_probs) - 1) > 1e-6):
@@ -115,7 +143,8 @@ class PPOFinetuneModule(L.LightningModule):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._skips_in_a_row = 0
-        self._select_trainable(trainable_blocks)
+        if self.lora is None:
+            self._select_trainable(trainable_blocks)
 
     def _select_trainable(self, prefixes: Sequence[str] | None) -> None:
         named = list(self.policy.unet.named_parameters())
@@ -132,9 +161,10 @@ class PPOFinetuneModule(L.LightningModule):
         return ResumableLoader(range(self.hparams.iterations_per_epoch * world), batch_size=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable UNet weights."""
+        """AdamW over the trainable UNet weights (the adapters only, with LoRA)."""
         trainable = [p for p in self.policy.unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                 betas=tuple(self.hparams.adam_betas))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint readable by `msrl sample` like a pretraining one; record sampler and reward.
@@ -142,6 +172,7 @@ class PPOFinetuneModule(L.LightningModule):
         `msrl_rollout`: {num_steps, eta, guidance_scale} of the rollouts (the sampler that was trained).
         `msrl_reward`: {"config": the reward's {class_path, init_args} as configured (None when the module
         was built in Python), "networks": [{component, path, sha256}, …] of its trained networks}.
+        `msrl_lora` (LoRA only): the adapters' settings and base checkpoint; the base weights are left out.
         """
         hp = self.hparams
         checkpoint["msrl_diffusion"] = self.policy.diffusion_spec(prefix="policy.")
@@ -149,6 +180,26 @@ class PPOFinetuneModule(L.LightningModule):
                                       "guidance_scale": float(hp.guidance_scale)}
         checkpoint["msrl_reward"] = {"config": copy.deepcopy(self.reward_config),
                                      "networks": reward_networks(self.reward)}
+        if self.lora is not None:
+            checkpoint[LORA_KEY] = copy.deepcopy(self.lora)
+            checkpoint["state_dict"] = drop_base_weights(checkpoint["state_dict"], BASE_PREFIXES)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming a LoRA run: same adapters over the same base file; put the (unsaved) base weights back."""
+        record = checkpoint.get(LORA_KEY)
+        if (record is None) != (self.lora is None):
+            raise ValueError(f"the checkpoint resumed was written {'with' if record else 'without'} LoRA, this run is "
+                             f"configured {'with' if self.lora else 'without'}: resume with its lora_rank")
+        if record is None:
+            return
+        keys = ("rank", "alpha", "targets", "base_sha256", "base_weights")
+        if any(record[key] != self.lora[key] for key in keys):
+            raise ValueError(f"the checkpoint resumed holds LoRA {[record[k] for k in keys]} over "
+                             f"{record['base_checkpoint']}; this run is configured with {[self.lora[k] for k in keys]} "
+                             f"over {self.lora['base_checkpoint']}: resume with the same init_checkpoint and lora_*")
+        own = self.state_dict()
+        kept = drop_base_weights(own, BASE_PREFIXES)
+        checkpoint["state_dict"] = {**{k: v for k, v in own.items() if k not in kept}, **checkpoint["state_dict"]}
 
     # One PPO iteration -------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -211,86 +262,6 @@ class PPOFinetuneModule(L.LightningModule):
         advantages = self.advantages(every_reward, every_label)
         batch = rewards.shape[0]
         return advantages[self.global_rank * batch : (self.global_rank + 1) * batch]
-
-    def update(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-        """`num_inner_epochs` clipped-PPO passes; one optimiser step per micro-batch of samples."""
-        hp = self.hparams
-        optimizer = self.optimizers()
-        self.scheduler.set_timesteps(hp.num_steps)
-        steps = torch.nonzero(trajectory.stochastic).flatten()  # σ_t > 0 only: the final DDIM step is excluded
-        count = max(1, math.ceil(hp.timestep_fraction * len(steps)))
-        generator = torch.Generator().manual_seed(hash((hp.seed, int(self.iteration), self.global_rank, 1)) % 2**62)
-        totals: dict[str, list[torch.Tensor]] = {}
-        for _ in range(hp.num_inner_epochs):
-            order = torch.randperm(len(advantages), generator=generator)
-            chosen = steps[torch.randperm(len(steps), generator=generator)[:count]]
-            for start in range(0, len(order), hp.micro_batch_size):
-                index = order[start : start + hp.micro_batch_size].to(self.device)
-                for position, step in enumerate(chosen.tolist()):
-                    last = position == len(chosen) - 1
-                    with optimizer.toggle_model(sync_grad=last):
-                        loss, stats = self._step_loss(trajectory, labels, advantages, index, step)
-                        self.manual_backward(loss / len(chosen))
-                    for key, value in {**stats, "loss": loss.detach()}.items():
-                        totals.setdefault(key, []).append(value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.policy.unet.parameters() if p.requires_grad], hp.max_grad_norm)
-                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank decides alike
-                    optimizer.zero_grad(set_to_none=True)
-                    self._skip_step()
-                    continue
-                self._skips_in_a_row = 0
-                totals.setdefault("grad_norm", []).append(grad_norm.detach())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.policy.ema.update_parameters(self.policy.unet)
-        stats = {key: torch.stack(values).float().mean() for key, values in totals.items()}
-        stats["skipped_steps"] = self.skipped_steps.float()
-        return stats
-
-    def _skip_step(self) -> None:
-        """Count a skipped optimiser step; stop after `max_nonfinite_steps` in a row."""
-        self.skipped_steps += 1
-        self._skips_in_a_row += 1
-        if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"PPO gradients were non-finite in {self._skips_in_a_row} optimiser steps in a row (iteration "
-                f"{int(self.iteration)}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
-                "(use bf16-mixed or 32-true), or a clip range / log-prob reduction that do not fit together")
-
-    def _step_loss(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
-                   index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped-PPO loss (+ KL to the pretrained model) of one denoising step of a micro-batch."""
-        hp = self.hparams
-        x_t, x_prev = trajectory.latents[index, step], trajectory.latents[index, step + 1]
-        t = int(trajectory.timesteps[step])
-        timesteps = torch.full((len(index),), t, device=self.device)
-        batch_labels = None if labels is None else labels[index]
-        prediction = self._predict(self.policy.unet, x_t, timesteps, batch_labels)
-        mean, std, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
-        log_prob = gaussian_log_prob(x_prev, mean, std, hp.logprob_reduction)
-        loss, stats = clipped_surrogate(log_prob, trajectory.log_probs[index, step], advantages[index], hp.clip_range)
-        if self.reference is not None:
-            with torch.no_grad():
-                reference = self._predict(self.reference, x_t, timesteps, batch_labels)
-                ref_mean, _, _ = ddim_step_mean(self.scheduler, reference, t, x_t, hp.eta)
-            # KL between two Gaussians of equal σ: ||μ − μ_ref||² / 2σ², reduced like the log-prob.
-            kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1)
-            kl = kl.sum(1) if hp.logprob_reduction == "sum" else kl.mean(1)
-            loss = loss + hp.kl_coef * kl.mean()
-            stats["kl_to_pretrained"] = kl.detach().mean()
-        return loss, stats
-
-    def _predict(self, unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
-                 ) -> torch.Tensor:
-        """A UNet's prediction, guided as in the rollout."""
-        conditional = self.policy.null_class is not None
-
-        def model(x_: torch.Tensor, t_: torch.Tensor, y_: torch.Tensor | None) -> torch.Tensor:
-            return unet(x_, t_, class_labels=y_ if conditional else None)
-
-        return guided_prediction(model, x, timesteps, labels, self.hparams.guidance_scale, self.policy.null_class)
 
     def _log_iteration(self, rewards: torch.Tensor, components: dict[str, torch.Tensor], labels: torch.Tensor | None,
                        advantages: torch.Tensor, stats: dict[str, torch.Tensor], times: dict[str, float],

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.gpu import bf16_peak_flops, count_flops, model_flop_utilisation, training_step_flops
 from benchmarks.harness import PairResult, compare, update_markdown_block
+from benchmarks.memory import GPU_SIZES_GB, largest_batch, lora_arguments
 from benchmarks.run import main
 from benchmarks.settings import TINY
 
@@ -39,8 +40,17 @@ def test_tiny_run_writes_every_row_with_positive_finite_numbers(tiny_results: di
         assert all(_positive_finite(v) for v in row["a"] + row["b"]), key
         repeats = TINY.latent.rollout_repeats if key == "latent_rollout_ratio" else TINY.repeats
         assert len(row["a"]) == len(row["b"]) == repeats
-    for table in ("ppo_split", "latent_split", "scaling_size", "scaling_steps", "memory"):
+    for table in ("ppo_split", "latent_split", "scaling_size", "scaling_steps", "memory", "decode_memory",
+                  "ppo_memory"):
         assert tiny_results["tables"][table]["rows"], table
+    for side, volume, whole, tiled, ratio in tiny_results["tables"]["decode_memory"]["rows"]:
+        assert 0 < tiled < whole and ratio == tiled / whole and volume > 0, side
+    full, lora = tiny_results["tables"]["ppo_memory"]["rows"]
+    assert full[0] == "full fine-tuning" and all(_positive_finite(v) for v in full[1:]), full
+    if lora_arguments(8) is None:
+        assert lora[1] == "LoRA not available"
+    else:
+        assert lora[1] < full[1]  # LoRA trains fewer parameters than full fine-tuning
     split = tiny_results["tables"]["ppo_split"]["rows"][0]
     assert all(_positive_finite(v) for v in split[3:8]), split  # rollout, reward, update, other, iteration
     latent = tiny_results["tables"]["latent_split"]["rows"][0]
@@ -100,3 +110,30 @@ def test_markdown_block_is_replaced_in_place(tmp_path: Path) -> None:
     text = path.read_text()
     assert "prose before" in text and "second" in text and "first" not in text
     assert text.count("<!-- bench:cpu:start -->") == 1
+
+
+def test_largest_batch_from_two_peaks() -> None:
+    # weights 1000 MiB, peak 5000 MiB with two samples, 7000 with three: 2000 MiB per sample, 2000 fixed
+    assert largest_batch(24, 1000.0, 5000.0, 7000.0) == int((24e9 / 2**20 - 2000.0) // 2000.0)
+    assert largest_batch(24, 1e9, 1.0, 2.0) == 0  # does not fit at all
+    assert GPU_SIZES_GB == (24, 40, 80)
+
+
+@pytest.mark.slow
+def test_gpu_dry_run_fills_every_gpu_row_on_the_cpu(tmp_path: Path) -> None:
+    """`python -m benchmarks --gpu-dry-run`: the GPU run's tables at 16³ on the CPU, no CUDA touched."""
+    out = tmp_path / "results_gpu.json"
+    assert main(["--gpu-dry-run", "--out", str(out)]) == 0
+    tables = json.loads(out.read_text())["tables"]
+    layouts = tables["gpu_pretraining"]["rows"]
+    assert [(row[2], row[3]) for row in layouts] == [(False, False), (True, False), (False, True), (True, True)]
+    assert all(_positive_finite(row[4]) and _positive_finite(row[5]) for row in layouts)
+    ppo = tables["gpu_latent_ppo"]["rows"]
+    assert [(row[0].split()[0], row[1].split()[0]) for row in ppo] == [
+        ("full", "whole"), ("full", "tiled"), ("LoRA", "whole"), ("LoRA", "tiled")]
+    for row in ppo:
+        if row[4] == "LoRA not available":
+            assert lora_arguments(8) is None
+        else:
+            assert all(_positive_finite(v) for v in row[4:8]), row
+    assert not torch.cuda.is_initialized()

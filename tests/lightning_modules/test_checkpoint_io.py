@@ -20,6 +20,12 @@ from lightning_modules.checkpoint_io import MOVED_CLASSES, resolve_class
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy"
 
 
+# The outputs were recorded on another machine: CPU kernels (vector width, oneDNN's choices) change the last
+# bits, seen up to 4.6e-6 on the KL decoder's output in [-1, 1]. Loading a wrong or missing weight changes them
+# by orders of magnitude more, so a tolerance of 1e-5 still tells the checkpoints load as they did.
+SAME = dict(rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def expected() -> dict[str, torch.Tensor]:
     return torch.load(LEGACY / "expected.pt", weights_only=True)
@@ -32,20 +38,20 @@ def test_first_stages_of_before_the_move_load(name: str, model_class: type, expe
     model = FirstStageModule.from_msrl_checkpoint(LEGACY / f"{name}.ckpt")
     assert type(model) is model_class
     with torch.no_grad():
-        torch.testing.assert_close(model.reconstruct(expected["input"]), expected[name], rtol=0, atol=0)
+        torch.testing.assert_close(model.reconstruct(expected["input"]), expected[name], **SAME)
 
 
 def test_diffusion_model_of_before_the_move_samples_the_same(expected: dict[str, torch.Tensor]) -> None:
     model = DiffusionModule.from_msrl_checkpoint(LEGACY / "diffusion.ckpt")
-    torch.testing.assert_close(model.generate(1, num_steps=3, seed=0), expected["diffusion"], rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(1, num_steps=3, seed=0), expected["diffusion"], **SAME)
 
 
 def test_reward_networks_of_before_the_move_load(expected: dict[str, torch.Tensor]) -> None:
     critics = RealismCriticModule.load_for_reward(str(LEGACY / "critics.ckpt"), "test", "test")
     classifier = ClassifierModule.load_for_reward(str(LEGACY / "classifier.ckpt"), "test", "test")
     with torch.no_grad():
-        torch.testing.assert_close(critics.volume_logits(expected["input"]), expected["critics"], rtol=0, atol=0)
-        torch.testing.assert_close(classifier(expected["input"]), expected["classifier"], rtol=0, atol=0)
+        torch.testing.assert_close(critics.volume_logits(expected["input"]), expected["critics"], **SAME)
+        torch.testing.assert_close(classifier(expected["input"]), expected["classifier"], **SAME)
 
 
 def test_every_alias_names_an_exported_class() -> None:

@@ -154,7 +154,9 @@ def test_dead_code_restart_raises_codebook_usage(cohort_cache: Path) -> None:
 @pytest.mark.parametrize("model_class", [AutoencoderModule, KLAutoencoderModule], ids=["vq", "kl"])
 def test_every_option_trains_in_bf16_and_reloads(model_class: type[AutoencoderModule], cohort_cache: Path,
                                                  tmp_path: Path) -> None:
-    torch.manual_seed(0)
+    # every generator (crops draw from numpy/random too): in the full suite, earlier tests' draws once left the
+    # KL model's bf16 hinge loss non-finite here, while the test alone passed
+    L.seed_everything(0, verbose=False)
     weights = tmp_path / "medicalnet.pth"  # MedicalNet's layout: a "state_dict" of DataParallel "module." keys
     from monai.networks.nets.resnet import ResNetFeatures
 

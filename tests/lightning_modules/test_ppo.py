@@ -54,7 +54,8 @@ def test_reward_rises_over_the_iterations(finetuned: Path) -> None:
     tags = EventAccumulator(str(finetuned)).Reload().Tags()
     for tag in ("ppo/reward/brightness", "ppo/reward/class_0", "ppo/reward/class_1", "ppo/approx_kl", "ppo/clipfrac",
                 "ppo/ratio_mean", "ppo/loss", "ppo/grad_norm", "ppo/advantage/abs_mean", "ppo/time/rollout",
-                "ppo/time/reward", "ppo/time/update", "ppo/reward/std"):
+                "ppo/time/reward", "ppo/time/update", "ppo/reward/std", "ppo/first_ratio/max_abs_dev",
+                "ppo/first_ratio/clipfrac"):
         assert tag in tags["scalars"], tag
     assert "ppo/samples" in tags["images"]
 
@@ -97,13 +98,41 @@ def test_trainable_blocks_and_kl_to_the_pretrained_model(pretrained_checkpoint: 
     assert trainer.logged_metrics["ppo/kl_to_pretrained"] > 0
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_ratio_is_one_before_the_first_optimiser_step(pretrained_checkpoint: Path, precision: str) -> None:
+    """Rollout and update must compute the same log-density: before any step r = 1 (logged every iteration)."""
+    import lightning as L
+
+    module = PPOFinetuneModule(str(pretrained_checkpoint), BrightnessReward(), num_steps=4, samples_per_iteration=4,
+                               micro_batch_size=2, iterations_per_epoch=1, lr=1e-3)
+    dtypes = set()
+    module.policy.unet.register_forward_hook(lambda unet, inputs, output: dtypes.add(output.dtype))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, precision=precision,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    metrics = trainer.logged_metrics
+    deviation, clipfrac = float(metrics["ppo/first_ratio/max_abs_dev"]), float(metrics["ppo/first_ratio/clipfrac"])
+    assert clipfrac == 0.0
+    if precision == "32-true":
+        assert deviation < 1e-6 and dtypes == {torch.float32}
+    else:  # the UNet ran in bf16 in rollout and update; log-probs and the ratio are fp32 (sampling.py)
+        assert deviation < module.hparams.clip_range and torch.bfloat16 in dtypes
+    assert trainer.logged_metrics["ppo/approx_kl"] > 0  # the second micro-batch followed an optimiser step
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(eta=0.0), "eta must be > 0"), (dict(trainable_blocks=["nope"]), "match no UNet parameter"),
     (dict(class_probs=[1.0]), "class_probs"), (dict(timestep_fraction=0.0), "timestep_fraction"),
+    (dict(adam_betas=(0.9, 1.0)), "adam_betas"),
 ])
 def test_bad_settings_are_explained(pretrained_checkpoint: Path, bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PPOFinetuneModule(str(pretrained_checkpoint), BrightnessReward(), **bad)
+
+
+def test_adam_betas_reach_the_optimiser(pretrained_checkpoint: Path) -> None:
+    module = PPOFinetuneModule(str(pretrained_checkpoint), BrightnessReward(), adam_betas=(0.9, 0.9))
+    assert module.configure_optimizers().param_groups[0]["betas"] == (0.9, 0.9)
 
 
 def test_missing_checkpoint_is_explained(tmp_path: Path) -> None:

@@ -1,0 +1,120 @@
+"""The clipped-PPO update of one iteration (docs/design.md §3), a part of `PPOFinetuneModule`.
+
+Log-probabilities of the stored denoising steps are recomputed with the current policy; gradients of
+every chosen step of a micro-batch accumulate into one optimiser step. Before the first optimiser step
+of an iteration the policy is the one that rolled out, so the ratio must be 1: its statistics on that
+first micro-batch are logged as `ppo/first_ratio/max_abs_dev` (max |r − 1|) and
+`ppo/first_ratio/clipfrac`, a check on every run that rollout and update compute the same density.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_modules.diffusion.lora import adapters_disabled
+from lightning_modules.diffusion.sampling import Trajectory, ddim_step_mean, gaussian_log_prob, guided_prediction
+from lightning_modules.ppo.advantages import clipped_surrogate
+
+
+class PPOUpdate:
+    """`update` and its per-step loss; mixed into `PPOFinetuneModule` (which owns policy, optimiser, hparams)."""
+
+    policy: Any
+    reference: nn.Module | None
+    hparams: Any
+
+    def update(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """`num_inner_epochs` clipped-PPO passes; one optimiser step per micro-batch of samples."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        self.scheduler.set_timesteps(hp.num_steps)
+        steps = torch.nonzero(trajectory.stochastic).flatten()  # σ_t > 0 only: the final DDIM step is excluded
+        count = max(1, math.ceil(hp.timestep_fraction * len(steps)))
+        generator = torch.Generator().manual_seed(hash((hp.seed, int(self.iteration), self.global_rank, 1)) % 2**62)
+        totals: dict[str, list[torch.Tensor]] = {}
+        first: dict[str, list[torch.Tensor]] = {"max_abs_dev": [], "clipfrac": []}
+        trainable = [p for p in self.policy.unet.parameters() if p.requires_grad]
+        for epoch in range(hp.num_inner_epochs):
+            order = torch.randperm(len(advantages), generator=generator)
+            chosen = steps[torch.randperm(len(steps), generator=generator)[:count]]
+            for start in range(0, len(order), hp.micro_batch_size):
+                index = order[start : start + hp.micro_batch_size].to(self.device)
+                for position, step in enumerate(chosen.tolist()):
+                    last = position == len(chosen) - 1
+                    with optimizer.toggle_model(sync_grad=last):
+                        loss, stats = self._step_loss(trajectory, labels, advantages, index, step)
+                        self.manual_backward(loss / len(chosen))
+                    deviation = stats.pop("ratio_max_abs_dev")
+                    if epoch == 0 and start == 0:  # no optimiser step yet in this iteration: r must be 1
+                        first["max_abs_dev"].append(deviation)
+                        first["clipfrac"].append(stats["clipfrac"])
+                    for key, value in {**stats, "loss": loss.detach()}.items():
+                        totals.setdefault(key, []).append(value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank decides alike
+                    optimizer.zero_grad(set_to_none=True)
+                    self._skip_step()
+                    continue
+                self._skips_in_a_row = 0
+                totals.setdefault("grad_norm", []).append(grad_norm.detach())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.policy.ema.update_parameters(self.policy.unet)
+        stats = {key: torch.stack(values).float().mean() for key, values in totals.items()}
+        stats["first_ratio/max_abs_dev"] = torch.stack(first["max_abs_dev"]).max()
+        stats["first_ratio/clipfrac"] = torch.stack(first["clipfrac"]).float().mean()
+        stats["skipped_steps"] = self.skipped_steps.float()
+        return stats
+
+    def _skip_step(self) -> None:
+        """Count a skipped optimiser step; stop after `max_nonfinite_steps` in a row."""
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"PPO gradients were non-finite in {self._skips_in_a_row} optimiser steps in a row (iteration "
+                f"{int(self.iteration)}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
+                "(use bf16-mixed or 32-true), or a clip range / log-prob reduction that do not fit together")
+
+    def _step_loss(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
+                   index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped-PPO loss (+ KL to the pretrained model) of one denoising step of a micro-batch."""
+        hp = self.hparams
+        x_t, x_prev = trajectory.latents[index, step], trajectory.latents[index, step + 1]
+        t = int(trajectory.timesteps[step])
+        timesteps = torch.full((len(index),), t, device=self.device)
+        batch_labels = None if labels is None else labels[index]
+        prediction = self._predict(self.policy.unet, x_t, timesteps, batch_labels)
+        mean, std, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
+        log_prob = gaussian_log_prob(x_prev, mean, std, hp.logprob_reduction)
+        loss, stats = clipped_surrogate(log_prob, trajectory.log_probs[index, step], advantages[index], hp.clip_range)
+        if hp.kl_coef > 0:
+            with torch.no_grad(), self._reference() as reference:
+                prediction = self._predict(reference, x_t, timesteps, batch_labels)
+                ref_mean, _, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
+            # KL between two Gaussians of equal σ: ||μ − μ_ref||² / 2σ², reduced like the log-prob.
+            kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1)
+            kl = kl.sum(1) if hp.logprob_reduction == "sum" else kl.mean(1)
+            loss = loss + hp.kl_coef * kl.mean()
+            stats["kl_to_pretrained"] = kl.detach().mean()
+        return loss, stats
+
+    def _reference(self) -> AbstractContextManager[nn.Module]:
+        """The frozen pretrained UNet: a copy (full fine-tuning) or the policy with its adapters off (LoRA)."""
+        return adapters_disabled(self.policy.unet) if self.hparams.lora_rank > 0 else nullcontext(self.reference)
+
+    def _predict(self, unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """A UNet's prediction, guided as in the rollout."""
+        conditional = self.policy.null_class is not None
+
+        def model(x_: torch.Tensor, t_: torch.Tensor, y_: torch.Tensor | None) -> torch.Tensor:
+            return unet(x_, t_, class_labels=y_ if conditional else None)
+
+        return guided_prediction(model, x, timesteps, labels, self.hparams.guidance_scale, self.policy.null_class)
