@@ -97,6 +97,7 @@ def test_checkpoint_holds_adapters_and_names_its_base(lora_run: Path, base: Path
             lora_run / "checkpoints/last.ckpt", weights_only=True))
 
 
+@pytest.mark.slow  # sampling and merging: make test-full (the default suite keeps the checkpoint and refusal tests)
 def test_lora_checkpoint_samples_and_merges(lora_run: Path, base: Path, tmp_path: Path) -> None:
     lora = lora_run / "checkpoints/last.ckpt"
     main(["sample", "--checkpoint", str(lora), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s")])

@@ -98,7 +98,7 @@ def test_trainable_blocks_and_kl_to_the_pretrained_model(pretrained_checkpoint: 
     assert trainer.logged_metrics["ppo/kl_to_pretrained"] > 0
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", pytest.param("bf16-mixed", marks=pytest.mark.slow)])
 def test_ratio_is_one_before_the_first_optimiser_step(pretrained_checkpoint: Path, precision: str) -> None:
     """Rollout and update must compute the same log-density: before any step r = 1 (logged every iteration)."""
     import lightning as L

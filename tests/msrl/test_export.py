@@ -178,6 +178,7 @@ METRICS = {
 }
 
 
+@pytest.mark.slow  # the latent VQ-GAN bundle test above runs the bundle in the default suite
 def test_finetuned_kl_bundle_reproduces_msrl_sample_and_its_card(finetuned_kl_checkpoint: Path,
                                                                   python_without_msrl: Path, tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.json"

@@ -78,6 +78,7 @@ def _study(plan: StudyPlan, out: Path, *extra: str) -> None:
     main(args)
 
 
+@pytest.mark.slow  # a PPO run and an evaluation as subprocesses (~30 s): make test-full
 def test_study_runs_each_unit_once_and_aggregates(tmp_path: Path, cohort_cache: Path, pretrained_checkpoint: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     data = ["--data", str(REPO / "configs/data/template.yaml"), "--data.init_args.num_subjects", "8",
