@@ -52,7 +52,7 @@ tensorboard: install  ## LOGDIR=runs
 lint: install
 	$(BIN)/ruff check .
 
-bench: install  ## A/B ratio benchmarks against plain PyTorch/MONAI (< 10 min on 2 cores); GPU=1: the GPU sizes
+bench: install  ## A/B ratio benchmarks against plain PyTorch/MONAI and the memory plan (~15 min on 2 cores, not yet timed whole); GPU=1: the prepared GPU run (<= 8 min)
 	MSRL_BENCH_COMMAND="make bench$(if $(GPU), GPU=$(GPU))" \
 		$(BIN)/python -m benchmarks $(if $(filter 1 yes true,$(GPU)),--gpu)
 
