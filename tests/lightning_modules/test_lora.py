@@ -93,8 +93,8 @@ def test_checkpoint_holds_adapters_and_names_its_base(lora_run: Path, base: Path
     for key, value in saved.items():
         assert torch.equal(restored[key], value), key
     with pytest.raises(ValueError, match="resume with the same init_checkpoint and lora_"):
-        PPOFinetuneModule(str(base), BrightnessReward(), lora_rank=4).on_load_checkpoint(torch.load(
-            lora_run / "checkpoints/last.ckpt", weights_only=True))
+        saved = torch.load(lora_run / "checkpoints/last.ckpt", weights_only=True)
+        PPOFinetuneModule(str(base), BrightnessReward(), lora_rank=4).on_load_checkpoint(saved)
 
 
 @pytest.mark.slow  # sampling and merging: make test-full (the default suite keeps the checkpoint and refusal tests)
