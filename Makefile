@@ -33,11 +33,15 @@ demo: install  ## embedded data → VQ-GAN → latent pretrain → rewards → P
 study: install  ## the CPU-sized study (4 reward arms x 3 seeds, paired evaluations) -> study_out/results.md (< 60 min)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
 
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each one torch thread); a test file stays
+# on one worker, so its module fixtures (a PPO run, trained critics) are built once.
+XDIST := -n 2 --dist loadfile
+
 test: install  ## the default test suite (< 10 minutes on 2 cores)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-full: install  ## every test, the slow ones included
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "slow or not slow"
 
 pretrain: install  ## CONFIG=… GPUS=…: srun inside a SLURM allocation, else all local GPUs (or CPU)
 	PATH="$(CURDIR)/$(BIN):$$PATH" CONFIG="$(CONFIG)" GPUS="$(GPUS)" bash scripts/pretrain.sh

@@ -7,6 +7,7 @@ stages of latent diffusion (`FirstStageModule`, the VQ-GAN `AutoencoderModule`, 
 `callbacks/`. Configs and checkpoints name classes by these exported names.
 """
 
+import datamodules  # noqa: F401  # first: imports MONAI without `transformers` (datamodules/monai_import.py)
 from lightning_modules.callbacks import StepBoundaryRequeue
 from lightning_modules.checkpoint_io import UnsafeCheckpointError, load_weights
 from lightning_modules.critics import (

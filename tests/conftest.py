@@ -21,10 +21,14 @@ TINY_MODEL = dict(channels=(8, 8, 8), attention_levels=(False, False, True), nor
                   num_head_channels=8, num_res_blocks=1)
 
 
+# `make test` runs the suite in two pytest-xdist workers (one per core): each uses one thread then.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
-    """Two cores: keep torch from oversubscribing when tests spawn processes."""
-    torch.set_num_threads(2)
+    """Two cores: keep torch from oversubscribing when tests spawn processes or run in two workers."""
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
