@@ -83,10 +83,16 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
         kl_coef: weight of the KL to the frozen pretrained model per step (DPOK); 0: no reference.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        adam_betas: AdamW's (β1, β2). β2 sets how long early gradients keep later steps small: with the default
-            0.999 the first iterations' large gradients held the demo's later steps ~10³× smaller (approx_kl
-            6e-4 → 8e-9 by iteration 5 while the gradient norm fell only 10×); a shorter memory keeps the
-            step near `lr`.
+        adam_betas: AdamW's (β1, β2). β2 sets how long large gradients keep later steps small. On the demo
+            the large ones are the second micro-batch's pull-back after Adam's first, sign-like step overshot
+            the last stochastic step (t = 53): 5–20× the on-policy gradient, which itself stays constant; with
+            0.999 they held the steps at ~0.06·lr by iteration 9 (approx_kl 6e-4 → 8e-9), 0.9 only delays
+            that (docs/design.md §3).
+        lr_warmup_iterations: k > 0: the learning rate rises linearly over the first k PPO iterations
+            (lr·i/k in iteration i = 1..k, logged as ppo/lr); 0: `lr` from the start. Adam's first step moves
+            every weight by ~lr whatever its gradient (a sign step): on the demo at lr 3e-4 that step alone raised
+            the held-out FID 0.31 → 0.41; with k = 5 it rose to 0.33 (approx_kl then peaked at 5e-5 and still fell
+            below 1e-8 once lr reached 3e-4).
         max_grad_norm: gradient-norm clip.
         ema_decay: EMA of the policy weights (what `msrl sample` uses afterwards).
         iterations_per_epoch: PPO iterations per Lightning epoch (epochs only pace checkpoints).
@@ -106,7 +112,7 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
         weight_decay: float = 0.0, max_grad_norm: float = 1.0, ema_decay: float = 0.9, iterations_per_epoch: int = 5,
         image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5, lora_rank: int = 0,
         lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_betas: tuple[float, float] = (0.9, 0.999), lr_warmup_iterations: int = 0,
     ) -> None:
         super().__init__()
         given = cli_model_arguments()  # LightningCLI's config of this module; None when built in Python
@@ -117,6 +123,8 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
         if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(adam_betas)}")
+        if lr_warmup_iterations < 0:
+            raise ValueError(f"lr_warmup_iterations must be >= 0 (0: no warm-up), got {lr_warmup_iterations}")
         if lora_rank < 0 or (lora_rank > 0 and trainable_blocks is not None):
             raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {lora_rank}; with LoRA choose the "
                              f"layers by lora_targets, not trainable_blocks ({trainable_blocks})")

@@ -40,6 +40,9 @@ class PPOUpdate:
         totals: dict[str, list[torch.Tensor]] = {}
         first: dict[str, list[torch.Tensor]] = {"max_abs_dev": [], "clipfrac": []}
         trainable = [p for p in self.policy.unet.parameters() if p.requires_grad]
+        lr = self.current_lr()
+        for group in optimizer.optimizer.param_groups:
+            group["lr"] = lr
         for epoch in range(hp.num_inner_epochs):
             order = torch.randperm(len(advantages), generator=generator)
             chosen = steps[torch.randperm(len(steps), generator=generator)[:count]]
@@ -70,7 +73,13 @@ class PPOUpdate:
         stats["first_ratio/max_abs_dev"] = torch.stack(first["max_abs_dev"]).max()
         stats["first_ratio/clipfrac"] = torch.stack(first["clipfrac"]).float().mean()
         stats["skipped_steps"] = self.skipped_steps.float()
+        stats["lr"] = torch.tensor(lr)
         return stats
+
+    def current_lr(self) -> float:
+        """This iteration's learning rate: `lr`, ramped linearly over the first `lr_warmup_iterations`."""
+        warmup = self.hparams.lr_warmup_iterations
+        return self.hparams.lr * min(1.0, (int(self.iteration) + 1) / warmup) if warmup > 0 else self.hparams.lr
 
     def _skip_step(self) -> None:
         """Count a skipped optimiser step; stop after `max_nonfinite_steps` in a row."""
