@@ -46,7 +46,7 @@ from lightning_modules.diffusion.sampling import Trajectory, sample
 from lightning_modules.lightning_internals import cli_model_arguments
 from lightning_modules.ppo.advantages import ClassAdvantageNormaliser
 from lightning_modules.ppo.reward import RAW_TOTAL, raw_total_of, reward_networks, score_components
-from lightning_modules.ppo.update import PPOUpdate
+from lightning_modules.ppo.update import TIMESTEP_WEIGHTINGS, PPOUpdate
 from lightning_modules.visualize import slice_grid
 
 BASE_PREFIXES = ("policy.unet.", "policy.ema.module.")  # where a LoRA run's frozen base weights sit
@@ -93,6 +93,10 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
             every weight by ~lr whatever its gradient (a sign step): on the demo at lr 3e-4 that step alone raised
             the held-out FID 0.31 → 0.41; with k = 5 it rose to 0.33 (approx_kl then peaked at 5e-5 and still fell
             below 1e-8 once lr reached 3e-4).
+        timestep_weighting: "none": every chosen step's surrogate counts alike, so the last stochastic step,
+            whose log-probability gradient is ~400× the first's, decides the update; "equal": each step's loss
+            is weighted by σ_t/|∂μ/∂ε̂| (mean 1), giving every step the same gradient scale
+            (`equal_gradient_weights`).
         max_grad_norm: gradient-norm clip.
         ema_decay: EMA of the policy weights (what `msrl sample` uses afterwards).
         iterations_per_epoch: PPO iterations per Lightning epoch (epochs only pace checkpoints).
@@ -113,6 +117,7 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
         image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5, lora_rank: int = 0,
         lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
         adam_betas: tuple[float, float] = (0.9, 0.999), lr_warmup_iterations: int = 0,
+        timestep_weighting: Literal["none", "equal"] = "none",
     ) -> None:
         super().__init__()
         given = cli_model_arguments()  # LightningCLI's config of this module; None when built in Python
@@ -123,6 +128,9 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
         if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(adam_betas)}")
+        if timestep_weighting not in TIMESTEP_WEIGHTINGS:
+            raise ValueError(f"timestep_weighting must be one of {list(TIMESTEP_WEIGHTINGS)}, "
+                             f"got {timestep_weighting!r}")
         if lr_warmup_iterations < 0:
             raise ValueError(f"lr_warmup_iterations must be >= 0 (0: no warm-up), got {lr_warmup_iterations}")
         if lora_rank < 0 or (lora_rank > 0 and trainable_blocks is not None):

@@ -10,15 +10,38 @@ first micro-batch are logged as `ppo/first_ratio/max_abs_dev` (max |r − 1|) an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from lightning_modules.diffusion.lora import adapters_disabled
 from lightning_modules.diffusion.sampling import Trajectory, ddim_step_mean, gaussian_log_prob, guided_prediction
 from lightning_modules.ppo.advantages import clipped_surrogate
+
+TIMESTEP_WEIGHTINGS = ("none", "equal")
+
+
+def equal_gradient_weights(scheduler: DDIMScheduler, timesteps: Sequence[int], eta: float) -> torch.Tensor:
+    """Per-timestep loss weights that give every step's log-probability the same gradient scale.
+
+    ∂ log p(x_{t'} | x_t) / ∂ε̂ = (x_{t'} − μ)/σ_t² · ∂μ/∂ε̂ with x_{t'} − μ = σ_t·z, so a step's gradient
+    scales with |∂μ/∂ε̂| / σ_t: ~400× larger at the last stochastic step (t = 53 in the demo) than at
+    t = 999, which then decides every update alone (docs/design.md §3). The weights are σ_t / |∂μ/∂ε̂|
+    (∂μ/∂ε̂ taken from `ddim_step_mean` itself, so any prediction type), scaled to mean 1 over `timesteps`.
+    """
+    scales = []
+    for t in timesteps:
+        zero = torch.zeros(1, dtype=torch.float64)
+        delta = torch.full((1,), 1e-3, dtype=torch.float64)
+        moved, std, _ = ddim_step_mean(scheduler, delta, int(t), zero, eta)
+        still, _, _ = ddim_step_mean(scheduler, zero, int(t), zero, eta)
+        scales.append(float(((moved - still) / delta).abs()) / float(std))
+    weights = 1.0 / torch.tensor(scales, dtype=torch.float64)
+    return (weights / weights.mean()).float()
 
 
 class PPOUpdate:
@@ -46,13 +69,14 @@ class PPOUpdate:
         for epoch in range(hp.num_inner_epochs):
             order = torch.randperm(len(advantages), generator=generator)
             chosen = steps[torch.randperm(len(steps), generator=generator)[:count]]
+            weights = self._timestep_weights(trajectory, chosen.tolist())
             for start in range(0, len(order), hp.micro_batch_size):
                 index = order[start : start + hp.micro_batch_size].to(self.device)
                 for position, step in enumerate(chosen.tolist()):
                     last = position == len(chosen) - 1
                     with optimizer.toggle_model(sync_grad=last):
                         loss, stats = self._step_loss(trajectory, labels, advantages, index, step)
-                        self.manual_backward(loss / len(chosen))
+                        self.manual_backward(loss * weights[position] / len(chosen))
                     deviation = stats.pop("ratio_max_abs_dev")
                     if epoch == 0 and start == 0:  # no optimiser step yet in this iteration: r must be 1
                         first["max_abs_dev"].append(deviation)
@@ -75,6 +99,13 @@ class PPOUpdate:
         stats["skipped_steps"] = self.skipped_steps.float()
         stats["lr"] = torch.tensor(lr)
         return stats
+
+    def _timestep_weights(self, trajectory: Trajectory, chosen: list[int]) -> list[float]:
+        """The loss weight of each chosen step: 1, or equal gradient scales (`timestep_weighting: equal`)."""
+        if self.hparams.timestep_weighting == "none":
+            return [1.0] * len(chosen)
+        timesteps = [int(trajectory.timesteps[step]) for step in chosen]
+        return equal_gradient_weights(self.scheduler, timesteps, self.hparams.eta).tolist()
 
     def current_lr(self) -> float:
         """This iteration's learning rate: `lr`, ramped linearly over the first `lr_warmup_iterations`."""
