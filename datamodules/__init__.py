@@ -2,7 +2,7 @@
 
 from datamodules.monai_import import import_monai
 
-import_monai()  # first: MONAI without its ~3 s `transformers` import (datamodules/monai_import.py)
+import_monai()  # first: MONAI without its `transformers` BERT import (datamodules/monai_import.py)
 
 from datamodules.atomic import atomic_folder, atomic_save  # noqa: E402
 from datamodules.base import SubjectRecord, VolumeDataModule  # noqa: E402

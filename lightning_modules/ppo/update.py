@@ -33,10 +33,10 @@ def equal_gradient_weights(scheduler: DDIMScheduler, timesteps: Sequence[int], e
     t = 999, which then decides every update alone (docs/design.md §3). The weights are σ_t / |∂μ/∂ε̂|
     (∂μ/∂ε̂ taken from `ddim_step_mean` itself, so any prediction type), scaled to mean 1 over `timesteps`.
     """
+    zero = torch.zeros(1, dtype=torch.float64)
+    delta = torch.full((1,), 1e-3, dtype=torch.float64)
     scales = []
     for t in timesteps:
-        zero = torch.zeros(1, dtype=torch.float64)
-        delta = torch.full((1,), 1e-3, dtype=torch.float64)
         moved, std, _ = ddim_step_mean(scheduler, delta, int(t), zero, eta)
         still, _, _ = ddim_step_mean(scheduler, zero, int(t), zero, eta)
         scales.append(float(((moved - still) / delta).abs()) / float(std))
