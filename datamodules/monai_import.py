@@ -7,8 +7,9 @@ msrl's LoRA adapters use (`--model.lora_rank`), requires it. Measured with `pyth
 imported anyway), in every process that imports MONAI: each `msrl` call, each DDP worker, each
 subprocess of the test suite. (torchmetrics imports `transformers` itself, ~0.6 s; that stays.)
 msrl uses no MONAI network that needs `transformers`, so the first import of MONAI in an msrl
-process hides `transformers` and then shows it again: PEFT and any user code import `transformers` normally afterwards; only MONAI's
-`Transchex` (a vision-language network) stays unavailable in that process, with MONAI's own
+process hides `transformers` and then shows it again: PEFT and any user code import `transformers`
+normally afterwards; only MONAI's `Transchex` (a vision-language network) stays unavailable in that
+process, with MONAI's own
 "optional import failed" error if called. A process that imported `transformers` or MONAI before
 msrl keeps what it has (nothing is hidden then).
 
