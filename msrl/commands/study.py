@@ -45,6 +45,8 @@ def build_parser() -> ArgumentParser:
                         help="run only this unit (0-based, arm-major; a SLURM array task id), no results")
     parser.add_argument("--aggregate-only", "--aggregate_only", type=bool, default=False,
                         help="run nothing: write results.md/.json and figures from the finished units")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="units run side by side, the cores shared out as torch threads (CPU workstations)")
     parser.add_argument("--list", type=bool, default=False, help="print every unit with its status and exit")
     return parser
 
@@ -74,9 +76,9 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--unit {args.unit}: this study has units 0..{len(units) - 1} (msrl study … --list)")
         failed = run_units(plan, [units[args.unit]], out)
     else:
-        print(f"msrl study: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(units)} units in {out}",
-              flush=True)
-        failed = run_units(plan, units, out)
+        print(f"msrl study: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(units)} units in {out}, "
+              f"{args.jobs} at a time", flush=True)
+        failed = run_units(plan, units, out, args.jobs)
         _write_results(out)
     if failed:
         print(f"msrl study: {len(failed)} unit(s) failed: " + ", ".join(f"{u.arm} seed {u.seed}" for u in failed)

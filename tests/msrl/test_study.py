@@ -109,3 +109,34 @@ def test_study_runs_each_unit_once_and_aggregates(tmp_path: Path, cohort_cache: 
     assert (unit.folder / "finetune.log").read_text() == finetune_log and (unit.folder / "unit.json").is_file()
     with pytest.raises(SystemExit):
         _study(plan, out, "--unit", "5")
+
+
+def test_units_run_side_by_side_with_the_cores_shared_out(tmp_path: Path, pretrained_checkpoint: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs=2: two units are inside run_unit at once (a barrier that one job alone would never pass), each
+    with its share of the cores as torch threads; a failing unit is returned and the other still finishes."""
+    import os
+    import threading
+
+    from msrl.study import runner
+
+    plan = _plan(tmp_path, pretrained_checkpoint, seeds=[0, 1])
+    both_running = threading.Barrier(2, timeout=20)
+    seen: dict[int, str | None] = {}
+
+    def fake_unit(plan: StudyPlan, unit: object, out: Path, env: dict[str, str] | None = None) -> dict:
+        both_running.wait()  # BrokenBarrierError (a failed test) unless the other unit runs too
+        seen[unit.seed] = (env or {}).get("OMP_NUM_THREADS")
+        if unit.seed == 1:
+            raise RuntimeError("PPO failed")
+        return {"seconds": {"finetune": 1.0, "evaluate": 2.0}}
+
+    monkeypatch.setattr(runner, "run_unit", fake_unit)
+    units = plan.units(tmp_path / "study")
+    failed = runner.run_units(plan, units, tmp_path / "study", jobs=2)
+    assert [unit.seed for unit in failed] == [1]
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert seen == {0: share, 1: share}
+    assert runner.thread_environment(1) is None
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        runner.thread_environment(0)
