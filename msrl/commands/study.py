@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     write_plan(plan, out)
     if args.unit is not None:
         if not 0 <= args.unit < len(units):
-            raise ValueError(f"--unit {args.unit}: this study has units 0..{len(units) - 1} (msrl study … --list)")
+            raise ValueError(f"--unit {args.unit}: this study has units 0..{len(units) - 1} (msrl study … --list true)")
         failed = run_units(plan, [units[args.unit]], out)
     else:
         print(f"msrl study: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(units)} units in {out}, "
