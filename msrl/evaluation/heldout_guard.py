@@ -111,8 +111,12 @@ class HeldoutFIDGuard(L.Callback):
 
     def _record(self, trainer: L.Trainer, iteration: int, score: float, mean_reward: float) -> None:
         self.history.append((iteration, score, mean_reward))
-        for logger in trainer.loggers:  # straight to the loggers: one point per evaluation, not one per step
-            logger.log_metrics({"ppo/heldout_fid": score}, step=trainer.global_step)
+        # straight to the loggers: one point per evaluation, not one per step. Step = the PPO iteration it was
+        # measured after (0: before any update), also logged as ppo/heldout_fid_iteration: the optimiser's
+        # global_step counts micro-batch steps (2 per iteration in the demo), which put iteration 20 at 40
+        for logger in trainer.loggers:
+            logger.log_metrics({"ppo/heldout_fid": score, "ppo/heldout_fid_iteration": float(iteration)},
+                               step=iteration)
 
     def hacking(self) -> bool:
         """FID worse at each of the last `patience` evaluations and the raw reward higher than at their start.

@@ -62,11 +62,15 @@ def forest_figure(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def iteration_axis(scalars: dict[str, list[tuple[int, float]]], tag: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(PPO iteration, value) of a tag; steps become iterations through the logged ppo/iteration (else steps)."""
+    """(PPO iteration, value) of a tag: from its own `<tag>_iteration` scalar where logged (the held-out FID),
+    else steps become iterations through the logged ppo/iteration (else steps)."""
     points = scalars.get(tag)
     if not points:
         return None
     steps, values = (np.asarray(v, dtype=np.float64) for v in zip(*points, strict=True))
+    own = dict(scalars.get(f"{tag}_iteration", []))  # the held-out FID logs its iteration beside it
+    if own and all(step in own for step in steps.tolist()):
+        return np.array([own[step] for step in steps.tolist()]), values
     logged = scalars.get(ITERATION)
     if not logged:
         return steps, values

@@ -83,6 +83,7 @@ def test_raw_reward_rises_while_the_normalised_one_falls(run: Path) -> None:
     assert all(later < earlier for earlier, later in zip(normalised[1:], normalised[2:], strict=False)), normalised
     heldout = _scalars(run, "ppo/heldout_fid")  # iterations 0 (before any update), 1, 2, 4
     assert len(heldout) == 4 and all(v > 0 and math.isfinite(v) for v in heldout)
+    assert _scalars(run, "ppo/heldout_fid_iteration") == [0.0, 1.0, 2.0, 4.0]  # logged at those steps too
 
 
 def test_checkpoint_records_rollout_sampler_and_reward(run: Path, critic_checkpoint: Path) -> None:

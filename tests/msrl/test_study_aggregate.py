@@ -30,6 +30,7 @@ from msrl.evaluation.scores import (
 )
 from msrl.evaluation.utility import LabelledVolumes
 from msrl.study import study_results, write_study_results
+from msrl.study.figures import unit_curves
 from msrl.study.tables import results_markdown
 
 ARMS = {"slice2d": ["slice2d"], "volume3d": ["volume3d"], "multiscale": ["slice2d", "volume3d"], "full": None}
@@ -143,11 +144,12 @@ def _units(root: Path, gains: dict[str, tuple[tuple[float, float], float]], seed
             (folder / "evaluation").mkdir(parents=True)
             (folder / "evaluation" / "metrics.json").write_text(_metrics_text(arm, seed, *gains[arm]))
             with SummaryWriter(str(folder / "finetune" / "version_0")) as writer:
-                for iteration in range(1, 5):  # as PPO logs: 2 optimiser steps per iteration
-                    writer.add_scalar("ppo/iteration", iteration, 2 * iteration)
-                    writer.add_scalar("ppo/reward_raw/total", 0.1 * iteration + 0.01 * seed, 2 * iteration)
-                writer.add_scalar("ppo/heldout_fid", 3.0, 0)  # before the first update (iteration 0)
-                writer.add_scalar("ppo/heldout_fid", 2.5 - 0.1 * seed, 8)
+                for iteration in range(1, 5):  # as PPO's self.log writes: iteration i at step i - 1
+                    writer.add_scalar("ppo/iteration", iteration, iteration - 1)
+                    writer.add_scalar("ppo/reward_raw/total", 0.1 * iteration + 0.01 * seed, iteration - 1)
+                for iteration, fid in ((0, 3.0), (4, 2.5 - 0.1 * seed)):  # as the guard logs (0: before any update)
+                    writer.add_scalar("ppo/heldout_fid", fid, iteration)
+                    writer.add_scalar("ppo/heldout_fid_iteration", iteration, iteration)
             (folder / "unit.json").write_text(json.dumps({"arm": arm, "seed": seed, "status": "done",
                                                           "seconds": {"finetune": 12.0, "evaluate": 3.0}}))
 
@@ -182,6 +184,10 @@ def test_every_claim_holds_when_multiscale_improves_and_outputs_are_written(good
     assert "FID ↓ (primary) a (3d), class all" in text and f"utility balanced accuracy ↑ (trained on synthetic) " \
         f"[{EVALUATION}]" in text and "None: every planned unit has finished." in text
     assert "better 3/3" in text
+    curves = unit_curves(study, results, "ppo/heldout_fid")["multiscale"]
+    assert [x.tolist() for x, _ in curves] == [[0.0, 4.0]] * 3  # the iterations it was measured after
+    reward = unit_curves(study, results, "ppo/reward_raw/total")["multiscale"]
+    assert [x.tolist() for x, _ in reward] == [[1.0, 2.0, 3.0, 4.0]] * 3
     for name in ("forest", "reward_curves", "heldout_fid_curves"):
         png = study / results["figures"][name]
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
