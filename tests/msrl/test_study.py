@@ -1,12 +1,15 @@
 """Tests of `msrl study`'s plan and runner: arms select reward components, units run once, requeue resumes."""
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
 from msrl.cli import main
+from msrl.study import runner
 from msrl.study.plan import Arm, StudyPlan, arm_reward, read_reward, write_plan
 from msrl.study.runner import finetune_command
 from tests.conftest import REPO
@@ -115,11 +118,6 @@ def test_units_run_side_by_side_with_the_cores_shared_out(tmp_path: Path, pretra
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """jobs=2: two units are inside run_unit at once (a barrier that one job alone would never pass), each
     with its share of the cores as torch threads; a failing unit is returned and the other still finishes."""
-    import os
-    import threading
-
-    from msrl.study import runner
-
     plan = _plan(tmp_path, pretrained_checkpoint, seeds=[0, 1])
     both_running = threading.Barrier(2, timeout=20)
     seen: dict[int, str | None] = {}
