@@ -53,7 +53,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234, help="seed of sampling, bootstrap and subsets")
     parser.add_argument("--batch-size", "--batch_size", type=int, default=4, help="volumes per forward pass")
     parser.add_argument("--real-split", "--real_split", type=str, default="test",
-                        help=f"held-out real reference for FID/KID/MMD: one of {REAL_SPLITS}")
+                        help=f"held-out real reference for FID/KID/MMD: one of {REAL_SPLITS} (val or test: "
+                             "also the utility classifiers' test split; otherwise they test on test)")
     parser.add_argument("--extractors", type=list[FeatureExtractor] | None, default=None,
                         help="feature extractors by class_path, the primary one first (default: MedicalNet "
                              "resnet10, random weights)")

@@ -95,9 +95,11 @@ class EvaluationRun:
         if config.real_split not in ("train", "all"):  # FID against the training split beside the held-out one
             references["train"] = real_volumes(data, "train")
         self.references = references
-        # the utility classifiers' splits; --skip-utility needs neither (a data set may have no test split)
-        self.train, self.test = (None, None) if config.skip_utility else (real_volumes(data, "train"),
-                                                                          real_volumes(data, "test"))
+        # the utility classifiers' splits: train on train, test on the held-out reference split (val while
+        # tuning, so that tuning never reads test); --skip-utility needs neither (a data set may have no test split)
+        self.utility_split = config.real_split if config.real_split in ("val", "test") else "test"
+        self.train, self.test = (None, None) if config.skip_utility else (
+            real_volumes(data, "train"), real_volumes(data, self.utility_split))
 
     # Computation -------------------------------------------------------------------------------
     def compute(self, sources: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -111,7 +113,8 @@ class EvaluationRun:
                      "spatial_size": self.data.spatial_size, "real_split": config.real_split,
                      "num_real": len(self.reference.labels),
                      "num_train": len(self.references["train"].labels) if "train" in self.references else None,
-                     "num_test": None if self.test is None else len(self.test.labels)},
+                     "num_test": None if self.test is None else len(self.test.labels),
+                     "utility_test_split": None if self.test is None else self.utility_split},
             "extractors": [e.name for e in self.extractors],
             "primary": {"metric": "fid", "extractor": self.extractors[0].name,
                         "view": main_view(cache.real[config.real_split][self.extractors[0].name]),

@@ -133,7 +133,8 @@ def metrics_markdown(result: dict[str, Any], summary_only: bool = False) -> str:
     """metrics.md: the paired differences, the summary table, then every record of every source."""
     header, rows = summary_rows(result)
     data = result["data"]
-    utility = "no utility" if data["num_test"] is None else f"utility tested on {data['num_test']} held-out"
+    utility = ("no utility" if data["num_test"] is None else
+               f"utility tested on {data['num_test']} held-out ({data.get('utility_test_split', 'test')} split)")
     primary = result.get("primary", {})
     text = [f"# msrl evaluation ({data['class_path']}, {data['spatial_size']}³, real reference: "
             f"{data['real_split']} split, {data['num_real']} volumes; {utility})", "",

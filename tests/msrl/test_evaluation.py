@@ -140,6 +140,18 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
     assert all(name in page for name in pngs) and "<table>" in page
 
 
+def test_tuning_on_val_never_reads_the_test_split(cohort_cache: Path, pretrained_checkpoint: Path,
+                                                  tmp_path: Path) -> None:
+    """With --real-split val the utility classifiers test on val too: a cohort with no test split evaluates."""
+    _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
+              "--data.init_args.test_fraction", "0.0", "--real-split", "val", "--extractors",
+              '[{"class_path": "msrl.evaluation.MedicalNetExtractor"}]')
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["data"]["utility_test_split"] == "val" and result["data"]["num_test"] == 2
+    assert any(r["metric"] == "utility/balanced_accuracy" for r in result["entries"][0]["records"])
+    assert "(val split)" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
 def test_skip_utility_needs_no_test_split(cohort_cache: Path, pretrained_checkpoint: Path, tmp_path: Path) -> None:
     _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(pretrained_checkpoint),
               "--data.init_args.test_fraction", "0.0", "--real-split", "val", "--skip-utility", "true", "--extractors",
