@@ -2,7 +2,7 @@
 paired against the pretrained model — then results.md/.json and figures over whatever has finished.
 
 On a workstation every unit runs one after another; on a cluster `scripts/slurm/study.sbatch` runs one
-unit per array task (`--unit $SLURM_ARRAY_TASK_ID`) and a last `--aggregate-only true` writes the results.
+unit per array task (`--unit $SLURM_ARRAY_TASK_ID`) and a last `--aggregate-only` writes the results.
 The evaluation config is fixed before any tuning (README, "Does it work?").
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionYesNo, ArgumentParser
 
 from msrl.commands.parsing import command_parser
 from msrl.study.aggregate import write_study_results
@@ -43,11 +43,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="the study folder (units/, results.md, figures/)")
     parser.add_argument("--unit", type=int | None, default=None,
                         help="run only this unit (0-based, arm-major; a SLURM array task id), no results")
-    parser.add_argument("--aggregate-only", "--aggregate_only", type=bool, default=False,
+    # Switches: `--list` alone or `--list true|false` (likewise --aggregate-only).
+    parser.add_argument("--aggregate-only", "--aggregate_only", action=ActionYesNo, nargs="?", default=False,
                         help="run nothing: write results.md/.json and figures from the finished units")
     parser.add_argument("--jobs", type=int, default=1,
                         help="units run side by side, the cores shared out as torch threads (CPU workstations)")
-    parser.add_argument("--list", type=bool, default=False, help="print every unit with its status and exit")
+    parser.add_argument("--list", action=ActionYesNo, nargs="?", default=False,
+                        help="print every unit with its status and exit")
     return parser
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> None:
     write_plan(plan, out)
     if args.unit is not None:
         if not 0 <= args.unit < len(units):
-            raise ValueError(f"--unit {args.unit}: this study has units 0..{len(units) - 1} (msrl study … --list true)")
+            raise ValueError(f"--unit {args.unit}: this study has units 0..{len(units) - 1} (msrl study … --list)")
         failed = run_units(plan, [units[args.unit]], out)
     else:
         print(f"msrl study: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(units)} units in {out}, "

@@ -81,6 +81,21 @@ def _study(plan: StudyPlan, out: Path, *extra: str) -> None:
     main(args)
 
 
+@pytest.mark.parametrize("switch", [["--list"], ["--list", "true"]])
+def test_list_prints_the_units_and_runs_nothing(tmp_path: Path, pretrained_checkpoint: Path, switch: list[str],
+                                                capsys: pytest.CaptureFixture) -> None:
+    """`--list` works as a bare switch and with a value; it starts no unit and writes nothing."""
+    plan = _plan(tmp_path, pretrained_checkpoint, seeds=[0, 1])
+    out = tmp_path / "study"
+    _study(plan, out, *switch)
+    printed = capsys.readouterr().out
+    assert "continuity     seed 1    not started" in printed and "sbatch --array=0-1" in printed
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # a bare --aggregate-only before anything ran: a clear error
+        _study(plan, out, "--aggregate-only")
+    assert "study.json does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # a PPO run and an evaluation as subprocesses (~30 s): make test-full
 def test_study_runs_each_unit_once_and_aggregates(tmp_path: Path, cohort_cache: Path, pretrained_checkpoint: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
