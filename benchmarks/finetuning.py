@@ -39,6 +39,21 @@ REPO = Path(__file__).resolve().parents[1]
 MULTISCALE_CONFIG = REPO / "configs/rewards/multiscale.yaml"
 
 
+class CostPPO(PPOFinetuneModule):
+    """A `PPOFinetuneModule` that rolls out any sample count: labels 0, 1, 0, … even where K does not divide it.
+
+    The benchmarks time and size 1- and 3-sample iterations (the memory plan's per-sample slope); a pass
+    costs the same whatever the class mix, while a training run refuses such counts (lightning_modules/ppo/labels.py).
+    """
+
+    def rollout_labels(self) -> torch.Tensor | None:
+        """0, 1, …, K−1, 0, 1, … for `samples_per_iteration` rollouts, balanced where the count allows."""
+        if self.policy.null_class is None:
+            return None
+        count, classes = self.hparams.samples_per_iteration, self.policy.hparams.num_classes
+        return torch.arange(count, device=self.device) % classes
+
+
 def _class(path: str) -> type:
     module, name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
@@ -73,10 +88,10 @@ def ppo_module(size: PPOSize, workdir: Path, config: BenchConfig,
     pretrained = diffusion_module(size.net, **latent)
     checkpoint = workdir / "pretrained.ckpt"
     torch.save({"msrl_diffusion": pretrained.diffusion_spec(), "state_dict": pretrained.state_dict()}, checkpoint)
-    module = PPOFinetuneModule(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
-                               samples_per_iteration=size.samples, num_steps=size.num_steps, eta=1.0,
-                               timestep_fraction=size.timestep_fraction, micro_batch_size=size.micro_batch_size,
-                               iterations_per_epoch=1, image_every_n_iterations=0)
+    module = CostPPO(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
+                     samples_per_iteration=size.samples, num_steps=size.num_steps, eta=1.0,
+                     timestep_fraction=size.timestep_fraction, micro_batch_size=size.micro_batch_size,
+                     iterations_per_epoch=1, image_every_n_iterations=0)
     if config.device == "cuda":  # charge queued kernels to the phase that queued them (ppo/time/*)
         _synchronise_after(module, ("rollout", "update"), synchroniser(config.device))
     return module.to(config.device)

@@ -226,10 +226,9 @@ def latent_ppo_module(size: Any, sizes: BenchConfig, config: BenchConfig, workdi
     Raises:
         ValueError: `lora_rank` > 0 while `PPOFinetuneModule` has no `lora_rank` argument.
     """
-    from benchmarks.finetuning import untrained_reward
+    from benchmarks.finetuning import CostPPO, untrained_reward
     from benchmarks.latent import untrained_autoencoder
     from benchmarks.pretraining import diffusion_module
-    from lightning_modules.ppo.module import PPOFinetuneModule
 
     lora = lora_arguments(lora_rank)
     if lora is None:
@@ -239,10 +238,10 @@ def latent_ppo_module(size: Any, sizes: BenchConfig, config: BenchConfig, workdi
     pretrained = diffusion_module(size.net, autoencoder_checkpoint=str(autoencoder), **tiling)
     checkpoint = workdir / "pretrained.ckpt"
     torch.save({"msrl_diffusion": pretrained.diffusion_spec(), "state_dict": pretrained.state_dict()}, checkpoint)
-    module = PPOFinetuneModule(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
-                               samples_per_iteration=size.samples, num_steps=size.num_steps, eta=1.0,
-                               timestep_fraction=size.timestep_fraction, micro_batch_size=size.micro_batch_size,
-                               iterations_per_epoch=1, image_every_n_iterations=0, **lora)
+    module = CostPPO(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
+                     samples_per_iteration=size.samples, num_steps=size.num_steps, eta=1.0,
+                     timestep_fraction=size.timestep_fraction, micro_batch_size=size.micro_batch_size,
+                     iterations_per_epoch=1, image_every_n_iterations=0, **lora)
     return module.to(config.device)
 
 

@@ -1,7 +1,7 @@
 """`PPOFinetuneModule`: DDPO-style PPO fine-tuning of a pretrained 3D diffusion model (docs/design.md §3).
 
-One training step is one PPO iteration: roll out DDIM trajectories with the current policy
-(keeping every x_t and log-probability), score the final volumes with a reward module,
+One training step is one PPO iteration: roll out DDIM trajectories with the current policy, each class
+equally often on every rank (keeping every x_t and log-probability), score the final volumes with a reward module,
 normalise the rewards per class across all DDP ranks, then update the policy with the clipped PPO
 objective, recomputing log-probabilities of the stored steps.
 
@@ -45,6 +45,7 @@ from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.diffusion.sampling import Trajectory, sample
 from lightning_modules.lightning_internals import cli_model_arguments
 from lightning_modules.ppo.advantages import ClassAdvantageNormaliser
+from lightning_modules.ppo.labels import balanced_labels, check_legacy_class_probs
 from lightning_modules.ppo.reward import RAW_TOTAL, raw_total_of, reward_networks, score_components
 from lightning_modules.ppo.update import TIMESTEP_WEIGHTINGS, PPOUpdate
 from lightning_modules.visualize import slice_grid
@@ -58,10 +59,13 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
     Args:
         init_checkpoint: a checkpoint of `msrl pretrain` (read with weights_only=True).
         reward: the reward module (contract of `rewards/base.py`), e.g. a `MultiScaleReward`.
-        samples_per_iteration: volumes rolled out per rank and iteration.
+        samples_per_iteration: volumes rolled out per rank and iteration; for a class-conditional model a
+            multiple of its classes: each class gets samples_per_iteration / num_classes of them on every rank
+            (`rollout_labels`), so per-class advantages never rest on 0 or 1 rollout.
         num_steps: DDIM steps of a rollout.
         eta: DDIM η of the rollout (> 0: the policy must be stochastic).
-        class_probs: probabilities of the class labels of rollouts (None: uniform).
+        class_probs: retired (batches are balanced); accepted as None or uniform only, so that configs and
+            checkpoints written before still load.
         guidance_scale: classifier-free guidance weight of rollouts and updates (1: none).
         init_from_ema: start the policy from the pretrained EMA weights (else the raw weights).
         trainable_blocks: prefixes of UNet parameter names to train (None: every weight),
@@ -153,8 +157,8 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
         self.reference = copy.deepcopy(self.policy.unet).requires_grad_(False).eval() if full_reference else None
         self.reward = reward.requires_grad_(False).eval()
         num_classes = self.policy.hparams.num_classes
-        if class_probs is not None and (len(class_probs) != num_classes or abs(sum(class_probs) - 1) > 1e-6):
-            raise ValueError(f"class_probs must have {num_classes} entries summing to 1, got {list(class_probs)}")
+        check_legacy_class_probs(class_probs, num_classes)
+        self.rollout_labels()  # refuses a samples_per_iteration the classes do not divide, before any rollout
         self.advantages = ClassAdvantageNormaliser(num_classes, advantage_mode, clip=adv_clip_max)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
@@ -252,10 +256,7 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
         hp, policy = self.hparams, self.policy
         generator = torch.Generator(device=self.device).manual_seed(
             hash((hp.seed, int(self.iteration), self.global_rank)) % 2**62)
-        labels = None
-        if policy.null_class is not None:
-            probs = torch.tensor(hp.class_probs or [1.0] * policy.hparams.num_classes, device=self.device)
-            labels = torch.multinomial(probs, hp.samples_per_iteration, replacement=True, generator=generator)
+        labels = self.rollout_labels()
         noise = torch.randn((hp.samples_per_iteration, *policy.sample_shape), generator=generator, device=self.device)
         policy.unet.eval()
         volumes, trajectory = sample(policy.forward, self.scheduler, noise, labels, num_steps=hp.num_steps, eta=hp.eta,
@@ -263,6 +264,16 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
                                      generator=generator, return_trajectory=True, reduction=hp.logprob_reduction)
         policy.unet.train()
         return labels, trajectory, volumes
+
+    def rollout_labels(self) -> torch.Tensor | None:
+        """Class labels of one rank's rollouts [samples_per_iteration] (None for an unconditional model).
+
+        0, 1, …, K−1, 0, 1, …: each class samples_per_iteration / K times, the same on every rank and
+        iteration (`balanced_labels`); all ranks together hold world_size · samples_per_iteration / K per class.
+        """
+        if self.policy.null_class is None:
+            return None
+        return balanced_labels(self.hparams.samples_per_iteration, self.policy.hparams.num_classes, self.device)
 
     @property
     def scheduler(self) -> DDIMScheduler:
@@ -272,7 +283,12 @@ class PPOFinetuneModule(PPOUpdate, L.LightningModule):
         return self._scheduler
 
     def compute_advantages(self, rewards: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Normalise per class over the rewards of all ranks; return this rank's share [B]."""
+        """Normalise per class over the rewards of all ranks; return this rank's share [B].
+
+        rewards, labels: this rank's [B]; gathered rank-major ([world · B]), so this rank's share is the
+        slice [rank · B, (rank + 1) · B). With balanced labels each class's statistics rest on
+        world · B / num_classes rewards.
+        """
         every_reward = self.all_gather(rewards).reshape(-1)
         every_label = None if labels is None else self.all_gather(labels).reshape(-1)
         advantages = self.advantages(every_reward, every_label)

@@ -123,6 +123,7 @@ def test_ratio_is_one_before_the_first_optimiser_step(pretrained_checkpoint: Pat
 @pytest.mark.parametrize("bad, match", [
     (dict(eta=0.0), "eta must be > 0"), (dict(trainable_blocks=["nope"]), "match no UNet parameter"),
     (dict(class_probs=[1.0]), "class_probs"), (dict(timestep_fraction=0.0), "timestep_fraction"),
+    (dict(samples_per_iteration=5), "samples_per_iteration must be a positive multiple of the model's 2 classes"),
     (dict(adam_betas=(0.9, 1.0)), "adam_betas"),
 ])
 def test_bad_settings_are_explained(pretrained_checkpoint: Path, bad: dict, match: str) -> None:
@@ -154,6 +155,27 @@ def test_advantages_are_normalised_per_class_and_clipped() -> None:
     assert running.running.count.tolist() == [2, 2]
     torch.testing.assert_close(running.running.mean[0], torch.tensor(rewards[labels == 0].mean().item() + 2.0,
                                                                      dtype=torch.float64))
+
+
+def test_advantages_are_per_class_over_every_rank() -> None:
+    """Two simulated ranks with balanced labels: each rank's share is normalised by both ranks' class statistics."""
+    from types import SimpleNamespace
+
+    rewards = [torch.tensor([1.0, 10.0, 2.0, 20.0]), torch.tensor([5.0, 50.0, 6.0, 80.0])]
+    labels = [torch.tensor([0, 1, 0, 1])] * 2  # what rollout_labels gives every rank
+
+    def on_rank(rank: int) -> torch.Tensor:
+        gather = lambda t: torch.stack(labels if t.dtype == torch.long else rewards)  # noqa: E731 — [world, B]
+        fake = SimpleNamespace(all_gather=gather, global_rank=rank, advantages=ClassAdvantageNormaliser(2))
+        return PPOFinetuneModule.compute_advantages(fake, rewards[rank], labels[rank])
+
+    shares = torch.cat([on_rank(0), on_rank(1)])
+    class_0, class_1 = torch.tensor([1.0, 2.0, 5.0, 6.0]), torch.tensor([10.0, 20.0, 50.0, 80.0])
+    expected = torch.empty(8)
+    expected[0::2] = (class_0 - 3.5) / class_0.std(unbiased=False)
+    expected[1::2] = (class_1 - 40.0) / class_1.std(unbiased=False)
+    torch.testing.assert_close(shares, expected, atol=1e-5, rtol=0)
+    assert (shares[:4] < 0).all() and (shares[4:] > 0).all()  # one rank's own statistics would give ±1 instead
 
 
 def test_clipped_surrogate_matches_the_formula() -> None:

@@ -19,10 +19,14 @@ def test_ddp_advantages_equal_single_process_and_ranks_agree(pretrained_checkpoi
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 2
     for first, second in zip(ranks[0]["records"], ranks[1]["records"], strict=True):
         assert not torch.equal(first["rewards"], second["rewards"])  # the ranks sampled different volumes
+        for record in (first, second):  # every rank, every iteration: 2 of each class
+            assert torch.bincount(record["labels"], minlength=2).tolist() == [2, 2]
         rewards = torch.cat([first["rewards"], second["rewards"]])
         labels = torch.cat([first["labels"], second["labels"]])
         expected = ClassAdvantageNormaliser(2)(rewards, labels)  # one process, the same total batch
         torch.testing.assert_close(torch.cat([first["advantages"], second["advantages"]]), expected)
+        own = ClassAdvantageNormaliser(2)(first["rewards"], first["labels"])  # rank 0's statistics alone
+        assert not torch.allclose(first["advantages"], own)  # so the statistics were the gathered ones
     for key, value in ranks[0]["reward_statistics"].items():  # the composite normalised alike on both ranks
         assert torch.equal(ranks[1]["reward_statistics"][key], value), key
     assert int(ranks[0]["reward_statistics"]["count"][0]) == 2

@@ -62,7 +62,7 @@ def _reward_config(critic: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(pretrained_checkpoint: Path, cohort_cache: Path, critic_checkpoint: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 PPO iterations (2 DDIM steps, 2 samples) against the rising reward, the held-out guard every 2 iterations."""
+    """4 PPO iterations (2 DDIM steps, 4 samples) against the rising reward, the held-out guard every 2 iterations."""
     guard = [{"class_path": "msrl.evaluation.HeldoutFIDGuard", "init_args": {
         "data": {"class_path": "datamodules.TemplateCohortDataModule", "init_args": {
             "num_subjects": 8, "spatial_size": 16, "cache_dir": str(cohort_cache), "val_fraction": 0.25}},
@@ -70,7 +70,7 @@ def run(pretrained_checkpoint: Path, cohort_cache: Path, critic_checkpoint: Path
         "num_samples": 2}}]
     return _finetune(pretrained_checkpoint, tmp_path_factory.mktemp("provenance"), "--trainer.max_epochs", "1",
                      "--model.iterations_per_epoch", str(ITERATIONS), "--model.num_steps", "2", "--model.eta", "0.7",
-                     "--model.samples_per_iteration", "2", "--model.class_probs", "[1.0, 0.0]",  # one class: adv. ±1
+                     "--model.samples_per_iteration", "4",  # 2 per class: advantages ±1 (1 per class would be 0)
                      "--model.reward", json.dumps(_reward_config(critic_checkpoint)),
                      "--trainer.callbacks", json.dumps(guard))
 

@@ -26,7 +26,7 @@ if __name__ == "__main__":
     checkpoint, out = sys.argv[1], sys.argv[2]
     L.seed_everything(0)
     reward = MultiScaleReward([BrightnessReward()])  # normalised by statistics over both ranks
-    module = RecordingPPO(checkpoint, reward, num_steps=5, samples_per_iteration=3,
+    module = RecordingPPO(checkpoint, reward, num_steps=5, samples_per_iteration=4,
                           iterations_per_epoch=2, lr=1e-3)
     module.records = []
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
