@@ -1,11 +1,12 @@
-"""`msrl evaluate`: distribution metrics per extractor, paired differences, reward, memorisation, utility.
+"""`msrl evaluate`: distribution metrics per extractor, paired differences, reward, memorisation, utility, fidelity.
 
 Each `--checkpoint` is sampled at the evaluation's sampler and at the rollout sampler of every
 fine-tuned checkpoint, always with the same seeds (or each `--generated` folder of `msrl sample` is
 read); everything is compared with the held-out real volumes (FID against the training split
-beside), the fine-tuned run's reward scores every set of volumes, and every checkpoint is compared
-with the baseline by paired bootstrap. `metrics.json` and `metrics.md` are written together with the
-volumes they were computed on, all or nothing (docs/design.md §5).
+beside), the fine-tuned run's reward scores every set of volumes, the utility classifiers trained on
+the real training split judge whether each volume shows its class (class fidelity), and every
+checkpoint is compared with the baseline by paired bootstrap. `metrics.json` and `metrics.md` are
+written together with the volumes they were computed on, all or nothing (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def build_parser() -> ArgumentParser:
                         help="a reward YAML to score the volumes with (default: the fine-tuned checkpoint's)")
     parser.add_argument("--skip-reward", "--skip_reward", type=bool, default=False, help="no reward scores")
     parser.add_argument("--utility", type=UtilityProtocol, default=UtilityProtocol(), help="classifier protocol")
-    parser.add_argument("--skip-utility", "--skip_utility", type=bool, default=False, help="no utility classifiers")
+    parser.add_argument("--skip-utility", "--skip_utility", type=bool, default=False,
+                        help="no utility classifiers (and so no class fidelity, which they judge)")
     parser.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda', …")
     parser.add_argument("--out", type=str, required=True, help="output folder (metrics.json, metrics.md, volumes)")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")

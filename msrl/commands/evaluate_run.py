@@ -31,6 +31,7 @@ from msrl.commands.evaluate_sources import (
 )
 from msrl.evaluation.comparison import paired_distribution, paired_records
 from msrl.evaluation.extractors import FeatureExtractor
+from msrl.evaluation.fidelity import fidelity_records
 from msrl.evaluation.independence import recorded_networks, refuse_shared_weights
 from msrl.evaluation.metrics import mean_t_ci
 from msrl.evaluation.scores import (
@@ -60,6 +61,7 @@ class EvaluationRun:
         self.reward: nn.Module | None = None
         self.reward_origin: dict[str, Any] | None = None
         self.volumes: list[SourceVolumes] = []
+        self.classifiers: list[nn.Module] = []  # the real-trained utility classifiers, one per utility seed
 
     # Inputs ------------------------------------------------------------------------------------
     def check_independence(self, sources: dict[str, tuple[str, str]]) -> None:
@@ -164,6 +166,8 @@ class EvaluationRun:
             sets = [draws[i % len(draws)] for i in range(len(self.protocol.seeds))]
             rows += self._utility(sets, "synthetic")
             rows += self._utility([self.train + s for s in sets], "real+synthetic")
+        if self.classifiers:  # every source and sampler, reconstructions included
+            rows += self._fidelity(volumes)
         sampler = None if source.sampler is None else source.sampler.label
         return [{**row, "sampler": sampler} for row in rows]
 
@@ -171,14 +175,25 @@ class EvaluationRun:
         rows = diversity_records(self.reference.volumes, self.config.ms_ssim_pairs, self.config.seed)
         rows += self._reward_records(self.reference)
         if not self.config.skip_utility:
-            rows += self._utility([self.train] * len(self.protocol.seeds), "real")
+            # trained once per utility seed (as `UtilityProtocol.runs` would) and kept: they judge class fidelity
+            protocol, num_classes = self.protocol, self.data.num_classes
+            self.classifiers = [protocol.train(self.train, num_classes, seed) for seed in protocol.seeds]
+            runs = [protocol.test(network, self.test, num_classes) for network in self.classifiers]
+            rows += self._utility_rows(runs, len(self.train.labels), "real")
+            rows += self._fidelity(self.test)  # the ceiling: the classifiers on held-out real volumes
         return rows
 
     def _utility(self, train_sets: list[LabelledVolumes], train_set: str) -> list[dict[str, Any]]:
         runs = self.protocol.runs(train_sets, self.test, self.data.num_classes)
+        return self._utility_rows(runs, len(train_sets[0].labels), train_set)
+
+    def _utility_rows(self, runs: list[dict[str, float]], num_train: int, train_set: str) -> list[dict[str, Any]]:
         results = {name: mean_t_ci([run[name] for run in runs]) for name in UTILITY_METRICS}
-        return utility_records(results, runs, len(self.test.labels), len(train_sets[0].labels), train_set,
-                               self.protocol.seeds)
+        return utility_records(results, runs, len(self.test.labels), num_train, train_set, self.protocol.seeds)
+
+    def _fidelity(self, volumes: LabelledVolumes) -> list[dict[str, Any]]:
+        return fidelity_records(self.classifiers, volumes, self.protocol.seeds, len(self.train.labels),
+                                self.config.batch_size, self.config.seed)
 
     @torch.no_grad()
     def _reward_records(self, volumes: LabelledVolumes) -> list[dict[str, Any]]:

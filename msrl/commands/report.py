@@ -104,10 +104,11 @@ def draw(folder: Path, runs: dict[str, dict], evaluations: dict[Path, dict[str, 
             figures.append((bars.name, "FID and KID per model and extractor (lower is better)"))
         sources = evaluation_sources(source, result)
         labels = sorted({int(label) for _, labels in sources.values() for label in labels.tolist()})
-        for label in labels:
-            path = slice_comparison(sources, label, folder / f"{prefix}slices_class{label}.png")
+        for label in labels:  # class 1 (lesions in the MS cohort): also the slice through the brightest cluster
+            path = slice_comparison(sources, label, folder / f"{prefix}slices_class{label}.png", brightest=label == 1)
             if path is not None:
-                figures.append((path.name, f"class {label}: real vs each model, three planes"))
+                extra = ", and the axial slice through each volume's brightest compact cluster" if label == 1 else ""
+                figures.append((path.name, f"class {label}: real vs each model, three planes{extra}"))
         histogram = histogram_figure(sources, folder / f"{prefix}histograms.png")
         if histogram is not None:
             figures.append((histogram.name, "foreground intensity histograms, real vs each model"))

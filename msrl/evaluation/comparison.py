@@ -4,7 +4,7 @@ Two checkpoints sampled with the same seeds and the same sampler are paired volu
 same starting noise). A paired bootstrap draws one set of volume indices for both and an independent
 resample of the real reference, so the interval of the difference is much narrower than the
 difference of two independent intervals (docs/design.md §5). Utility pairs classifier seeds (and
-synthetic draws) with a t-interval; rewards pair volumes.
+synthetic draws) with a t-interval; rewards and class fidelity pair volumes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from msrl.evaluation.metrics import fid_from_samples, mmd, polynomial_kernel, un
 from msrl.evaluation.paired import PairedEstimate, paired_bootstrap, paired_per_volume, paired_seeds
 from msrl.evaluation.scores import FeatureCache, Features, class_subsets, main_view, select_rows
 
-HIGHER_IS_BETTER_PREFIXES = ("utility/", "reward_raw/")
+HIGHER_IS_BETTER_PREFIXES = ("utility/", "reward_raw/", "class_fidelity/")
 
 
 def distribution_statistics(real_rows: int, generated_rows: int
@@ -66,7 +66,7 @@ def paired_distribution(cache: FeatureCache, baseline: Features, candidate: Feat
 
 def paired_records(baseline: list[dict[str, Any]], candidate: list[dict[str, Any]], num_resamples: int,
                    seed: int) -> list[dict[str, Any]]:
-    """Differences of the per-volume and per-seed records both entries have (rewards, utility, MS-SSIM pairs)."""
+    """Differences of the per-volume and per-seed records both entries have (rewards, class fidelity, utility)."""
     rows = []
     by_key = {_key(row): row for row in baseline}
     for row in candidate:
@@ -80,7 +80,7 @@ def paired_records(baseline: list[dict[str, Any]], candidate: list[dict[str, Any
         elif isinstance(row.get("per_volume"), list) and len(row["per_volume"]) >= 2:
             estimate = paired_per_volume(other["per_volume"], row["per_volume"], lower_is_better=lower,
                                          num_resamples=num_resamples, seed=seed)
-            fields = {"num_volumes": len(row["per_volume"])}
+            fields = {"num_volumes": len(row["per_volume"]), "train_set": row.get("train_set")}
         else:
             continue
         rows.append(comparison_record(row["metric"], estimate, extractor=row.get("extractor"), view=row["view"],

@@ -13,9 +13,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.patches import Circle  # noqa: E402
 
 from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram  # noqa: E402
-from lightning_modules.slices import PLANES  # noqa: E402
+from lightning_modules.slices import PLANES, plane_slices  # noqa: E402
 from lightning_modules.visualize import orthogonal_slices  # noqa: E402
 from msrl.evaluation.tables import find, main_view  # noqa: E402
 
@@ -89,33 +91,82 @@ def metric_bars(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def brightest_cluster(volume: torch.Tensor, size: int = 3, background: float = FOREGROUND_THRESHOLD
+                      ) -> tuple[int, int, int]:
+    """Voxel (d, h, w) at the centre of the brightest compact cluster inside the brain of volume [C, D, H, W].
+
+    The first channel's brain voxels (above `background`) are averaged over a `size`³ box around
+    each brain voxel whose box lies wholly in the brain (any brain voxel if none does), and the
+    maximum wins: a lesion's rim, the brightest thing in a class-1 MS volume, rather than a single
+    bright voxel of noise or the brain's edge. w is the axial slice (the last axis is inferior→superior).
+    """
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"the cluster's box side must be odd and >= 1, got {size}")
+    image = volume[:1].float()[None]  # [1, 1, D, H, W]
+    brain = (image > background).float()
+    if not brain.any():
+        raise ValueError(f"the volume has no voxel above the background {background}: no brain to search")
+    box = {"kernel_size": size, "stride": 1, "padding": size // 2, "count_include_pad": True}
+    share = F.avg_pool3d(brain, **box)
+    smoothed = F.avg_pool3d(image * brain, **box) / share.clamp_min(1e-6)
+    inside = share > 1 - 1e-6
+    candidates = inside if inside.any() else brain.bool()
+    index = int(torch.where(candidates, smoothed, torch.tensor(-torch.inf)).flatten().argmax())
+    d, h, w = (int(i) for i in torch.unravel_index(torch.tensor(index), image.shape[2:]))
+    return d, h, w
+
+
 def slice_comparison(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], label: int, path: Path,
-                     per_source: int = 2) -> Path | None:
-    """Rows: real, then each model; columns: axial/coronal/sagittal middle slices of `per_source` volumes of a class."""
+                     per_source: int = 2, brightest: bool = False) -> Path | None:
+    """Rows: real, then each model; columns: axial/coronal/sagittal middle slices of `per_source` volumes of a class.
+
+    With `brightest`, each volume also shows the axial slice through its brightest compact cluster
+    (`brightest_cluster`, circled) beside the middle one, so a reader sees whether a lesion is drawn.
+    """
     rows = {name: volumes[labels == label][:per_source] for name, (volumes, labels) in sources.items()}
     rows = {name: volumes for name, volumes in rows.items() if len(volumes)}
     if not rows:
         return None
-    fig, axes = plt.subplots(len(rows), 3 * per_source, figsize=(2.0 * 3 * per_source, 2.1 * len(rows)),
+    titles = ["axial", "axial (brightest)", *PLANES[1:]] if brightest else list(PLANES)
+    width = len(titles)
+    fig, axes = plt.subplots(len(rows), width * per_source, figsize=(2.0 * width * per_source, 2.1 * len(rows)),
                              squeeze=False)
     for r, (name, volumes) in enumerate(rows.items()):
         for v in range(per_source):
-            slices = orthogonal_slices(volumes[v]) if v < len(volumes) else [None] * 3
-            for p, image in enumerate(slices):
-                ax = axes[r][3 * v + p]
+            panels = _slice_panels(volumes[v], brightest) if v < len(volumes) else [(None, None)] * width
+            for p, (image, caption) in enumerate(panels):
+                ax = axes[r][width * v + p]
                 if image is not None:
                     ax.imshow(image.numpy(), cmap="gray", vmin=-1, vmax=1)
+                if caption is not None:
+                    x, y, text = caption
+                    radius = max(2.5, image.shape[0] / 8)  # around the cluster, not over it
+                    ax.add_patch(Circle((x, y), radius, fill=False, edgecolor="red", linewidth=1))
+                    ax.set_xlabel(text, fontsize=7)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(f"{PLANES[p]} #{v + 1}", fontsize=8)
-                if 3 * v + p == 0:
+                    ax.set_title(f"{titles[p]} #{v + 1}", fontsize=8)
+                if width * v + p == 0:
                     ax.set_ylabel(name, fontsize=8)
-    fig.suptitle(f"class {label}: real vs generated (middle slices)")
+    where = "middle slices; the brightest compact cluster's axial slice circled" if brightest else "middle slices"
+    fig.suptitle(f"class {label}: real vs generated ({where})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _slice_panels(volume: torch.Tensor, brightest: bool) -> list[tuple[torch.Tensor, tuple | None]]:
+    """(image, marker) per column: the middle slices, with the brightest cluster's axial slice second."""
+    slices = orthogonal_slices(volume)
+    panels: list[tuple[torch.Tensor, tuple | None]] = [(image, None) for image in slices]
+    if brightest:
+        d, h, w = brightest_cluster(volume)
+        image = plane_slices(volume[None, :1].float(), "axial", torch.tensor([w]))[0, 0, 0].T.flip(0)
+        # as orthogonal_slices orients an axial slice: rows run anterior→posterior (flipped H), columns along D
+        panels.insert(1, (image, (d, volume.shape[2] - 1 - h, f"z = {w} of {volume.shape[3]}")))
+    return panels
 
 
 def histogram_figure(sources: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, bins: int = 64,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from msrl.evaluation.comparison import beyond_interval
+from msrl.evaluation.fidelity import FIDELITY_METRIC
 
 
 def find(records: list[dict[str, Any]], metric: str, **fields: Any) -> dict[str, Any] | None:
@@ -44,7 +45,7 @@ def format_difference(row: dict[str, Any], digits: int = 3) -> str:
 
 
 def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows per model: FID per extractor, FID vs train, MS-SSIM, reward, memorisation, utility."""
+    """Header and rows per model: FID per extractor and vs train, MS-SSIM, reward, memorisation, utility, fidelity."""
     reference = result["data"]["real_split"]
     primary = result.get("primary", {}).get("extractor")
     header = ["model", "sampler", "n"]
@@ -67,6 +68,9 @@ def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for train_set in ("synthetic", "real+synthetic"):
         header.append(f"utility bal. acc. ({train_set})")
         columns.append(("utility/balanced_accuracy", {"train_set": train_set}))
+    for name in fidelity_classes(result):
+        header.append(f"class fidelity ↑ (class {name})")
+        columns.append((FIDELITY_METRIC, {"class": name}))
     rows = []
     real = result["real"]["records"]
     real_row = ["real data", "–", str(result["data"]["num_real"])]
@@ -74,15 +78,22 @@ def summary_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if metric == "utility/balanced_accuracy":
             real_row.append(format_value(find(real, metric, train_set="real")) if fields["train_set"] == "synthetic"
                             else "(trained on real)")
-        else:
-            real_row.append(format_value(find(real, metric, **fields)) if metric in ("ms_ssim", "reward_raw/total")
-                            else "–")
+        else:  # class fidelity of the real data: the classifiers on the held-out real volumes (the ceiling)
+            real_row.append(format_value(find(real, metric, **fields))
+                            if metric in ("ms_ssim", "reward_raw/total", FIDELITY_METRIC) else "–")
     rows.append(real_row)
     for entry in result["entries"]:
         sampler = (entry.get("sampling") or {}).get("label", "–")
         rows.append([entry["name"], sampler, str(entry["num_samples"])]
                     + [format_value(find(entry["records"], metric, **fields)) for metric, fields in columns])
     return header, rows
+
+
+def fidelity_classes(result: dict[str, Any]) -> list[str]:
+    """The classes ("0", "1", …) whose class fidelity some source has, in order."""
+    found = {row["class"] for entry in result["entries"] for row in entry["records"]
+             if row["metric"] == FIDELITY_METRIC and row["class"] != "all"}
+    return sorted(found, key=lambda name: (len(name), name))
 
 
 def paired_rows(result: dict[str, Any], all_classes_only: bool = True) -> tuple[list[str], list[list[str]]]:
@@ -95,8 +106,8 @@ def paired_rows(result: dict[str, Any], all_classes_only: bool = True) -> tuple[
         ordered = sorted(comparison["records"], key=lambda r: (
             not (r["metric"] == primary.get("metric") and r.get("extractor") == primary.get("extractor")),
             r["metric"] != "fid"))
-        for row in ordered:
-            if all_classes_only and row["class"] != "all":
+        for row in ordered:  # class fidelity per class too: class 1 drawn without its lesion is the point
+            if all_classes_only and row["class"] != "all" and row["metric"] != FIDELITY_METRIC:
                 continue
             rows.append([title, row["metric"], row.get("extractor") or row.get("train_set") or "–", row["class"],
                          format_difference(row), row["verdict"]])
@@ -146,7 +157,10 @@ def metrics_markdown(result: dict[str, Any], summary_only: bool = False) -> str:
         return "\n".join(text)
     text += ["", "Lower is better for FID, KID and MMD; MS-SSIM near the real data's is the goal (lower = more "
              "diverse). Intervals are 95 %: bootstrap over volumes for distribution metrics and rewards, a "
-             "t-interval over classifier seeds (each with its own synthetic draw) for utility. Random-weight "
+             "t-interval over classifier seeds (each with its own synthetic draw) for utility. Class fidelity is "
+             "the share of volumes of a class that the utility classifiers trained on real volumes (one per "
+             "seed, averaged per volume) call that class; the real data's is theirs on the held-out real volumes, "
+             "the ceiling; its interval bootstraps volumes. Random-weight "
              "extractors give numbers comparable only to themselves; with tens of volumes every interval is wide.",
              "", "## Every number", ""]
     full_header = ["source", "sampler", "metric", "extractor", "view", "class", "reference / train set", "value",

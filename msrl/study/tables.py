@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from msrl.evaluation.fidelity import FIDELITY_METRIC
 from msrl.evaluation.tables import markdown_table
 from msrl.study.units import find_row, row_sampler
 
@@ -13,7 +14,7 @@ FIGURES = {"forest": "no paired difference yet", "reward_curves": "no ppo/reward
 
 
 def paper_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, row fields) of the paper's table: FID per extractor and class, utility, MS-SSIM, reward, memorisation.
+    """(label, row fields) of the paper's table: FID and class fidelity per class, utility, MS-SSIM, reward, memorised.
 
     FID is against the held-out reference in each extractor's main view, the primary extractor
     first. Every row is read at the primary sampler, else at the evaluation's (utility is drawn only
@@ -35,9 +36,13 @@ def paper_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for metric in UTILITY:
         wanted.append((f"utility {metric.replace('_', ' ')} ↑ (trained on synthetic)",
                        {"metric": f"utility/{metric}", "train_set": "synthetic"}))
-    wanted += [("utility balanced accuracy ↑ (real + synthetic)",
-                {"metric": "utility/balanced_accuracy", "train_set": "real+synthetic"}),
-               ("MS-SSIM (near real; lower = more diverse)", {"metric": "ms_ssim"}),
+    wanted.append(("utility balanced accuracy ↑ (real + synthetic)",
+                   {"metric": "utility/balanced_accuracy", "train_set": "real+synthetic"}))
+    classes = dict.fromkeys(r["class"] for r in every if r["metric"] == FIDELITY_METRIC)
+    for name in sorted(classes, key=lambda c: (c != "all", c)):
+        wanted.append((f"class fidelity ↑ (real-trained classifier), class {name}",
+                       {"metric": FIDELITY_METRIC, "class": name}))
+    wanted += [("MS-SSIM (near real; lower = more diverse)", {"metric": "ms_ssim"}),
                ("reward, raw total ↑ (each arm's own reward)", {"metric": "reward_raw/total"}),
                ("memorised share (voxels) ↓", {"metric": "memorisation/share_closer_than_heldout", "extractor": None})]
     rows = []
@@ -80,10 +85,12 @@ def difference_cell(row: dict[str, Any] | None) -> str:
 
 
 def real_cell(results: dict[str, Any], fields: dict[str, Any]) -> str:
-    """The real data's number beside a row: the real-trained classifier for utility, real MS-SSIM."""
+    """The real data's number beside a row: the real-trained classifier for utility and class fidelity, MS-SSIM."""
     rows = results["real"]["rows"]
     if fields["metric"].startswith("utility/") and fields.get("train_set") == "synthetic":
         return value_cell(find_row(rows, metric=fields["metric"], train_set="real")) + " (trained on real)"
+    if fields["metric"] == FIDELITY_METRIC:  # the real-trained classifiers on held-out real volumes: the ceiling
+        return value_cell(find_row(rows, metric=FIDELITY_METRIC, **{"class": fields["class"]})) + " (held-out real)"
     if fields["metric"] == "ms_ssim":
         return value_cell(find_row(rows, metric="ms_ssim"))
     return "–"
@@ -149,7 +156,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     text += [f"**Problem:** {problem}.\n" for problem in study.get("problems", [])] + ["## The paper's table", ""]
     text += paper_tables(results) if units["finished"] else ["No unit has finished yet: nothing to tabulate.", ""]
     text += ["Intervals over seeds are t-intervals (t₀.₉₇₅,ₙ₋₁; none with one seed). Per-seed paired intervals are "
-             "the evaluation's: paired bootstrap over volumes for FID, over volumes for the reward, a t-interval "
+             "the evaluation's: paired bootstrap over volumes for FID, over volumes for the reward and class "
+             "fidelity, a t-interval "
              "over classifier seeds for utility. The pretrained model's reward is scored with the full-reward "
              "arm's reward.", "", "## Claims (issue #17, point 4)", ""]
     for item in results.get("claims", []):

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from monai.networks.nets import resnet10
@@ -11,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from datamodules import TemplateCohortDataModule
 from msrl.cli import main
 from msrl.evaluation import ClassifierFeatureExtractor, MedicalNetExtractor, SliceExtractor
+from msrl.evaluation.figures import brightest_cluster, slice_comparison
 from msrl.evaluation.scores import FeatureCache, distribution_records
 from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
 from tests.conftest import REPO
@@ -123,9 +125,17 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
         for row in entry["records"]:
             assert {"metric", "value", "ci95", "extractor", "num_generated", "num_real", "class"} <= set(row)
             assert row["num_generated"] > 0
-        assert {r["train_set"] for r in entry["records"] if "train_set" in r} == {"synthetic", "real+synthetic"}
+        assert {r["train_set"] for r in entry["records"] if "train_set" in r} == {"synthetic", "real+synthetic",
+                                                                                   "real"}  # real: class fidelity
+        fidelity = {r["class"]: r for r in entry["records"] if r["metric"] == "class_fidelity/accuracy"}
+        assert set(fidelity) == {"all", "0", "1"} and all(0.0 <= r["value"] <= 1.0 for r in fidelity.values())
+        assert sorted(fidelity["1"]["per_volume"] + fidelity["0"]["per_volume"]) == \
+            sorted(fidelity["all"]["per_volume"])  # one classifier (one utility seed): each volume 0 or 1
+    ceiling = {r["class"] for r in result["real"]["records"] if r["metric"] == "class_fidelity/accuracy"}
+    assert ceiling == {"all", "0", "1"}  # the same classifiers on the held-out real volumes
     assert "checkpoint" in result["entries"][0]["source"] and "generated" in result["entries"][1]["source"]
     assert "| real data |" in (tmp_path / "eval" / "metrics.md").read_text()
+    assert "class fidelity ↑ (class 1)" in (tmp_path / "eval" / "metrics.md").read_text()
     assert (tmp_path / "eval" / "samples" / "last" / "manifest.csv").is_file()
 
     run = tmp_path / "runs" / "finetune" / "version_0"
@@ -135,8 +145,10 @@ def test_evaluate_writes_metrics_json_with_every_field_and_report_draws_it(
             writer.add_scalar("ppo/heldout_fid", 3.0 - 0.2 * step, step)
     main(["report", str(tmp_path / "eval"), str(run), "--out", str(tmp_path / "report")])
     pngs = {p.name for p in (tmp_path / "report").glob("*.png")}
-    assert {"reward_curves.png", "eval0_metrics.png", "eval0_slices_class0.png", "eval0_histograms.png"} <= pngs
+    assert {"reward_curves.png", "eval0_metrics.png", "eval0_slices_class0.png", "eval0_slices_class1.png",
+            "eval0_histograms.png"} <= pngs
     page = (tmp_path / "report" / "report.html").read_text()
+    assert "brightest compact cluster" in page and "class fidelity ↑ (class 1)" in page
     assert all(name in page for name in pngs) and "<table>" in page
 
 
@@ -158,7 +170,7 @@ def test_skip_utility_needs_no_test_split(cohort_cache: Path, pretrained_checkpo
               '[{"class_path": "msrl.evaluation.MedicalNetExtractor"}]')
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["data"]["num_test"] is None
-    assert not any(r["metric"].startswith("utility/") for r in result["entries"][0]["records"])
+    assert not any(r["metric"].startswith(("utility/", "class_fidelity/")) for r in result["entries"][0]["records"])
     assert "no utility)" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
@@ -217,6 +229,8 @@ def test_evaluate_pairs_checkpoints_at_both_samplers_and_scores_the_trained_rewa
         for extractor in result["extractors"]:
             assert {("fid", extractor), ("kid", extractor), ("mmd", extractor)} <= metrics
         assert ("reward_raw/total", None) in metrics
+        fidelity = {r["class"] for r in comparison["records"] if r["metric"] == "class_fidelity/accuracy"}
+        assert fidelity == {"all", "0", "1"}  # paired volume by volume, every sampler
         for row in comparison["records"]:
             low, high = row["ci95"]
             assert row["verdict"] in ("better", "worse", "no difference") and low <= high
@@ -244,3 +258,24 @@ def test_evaluate_refuses_an_extractor_that_loads_a_reward_network(tmp_path: Pat
         refuse_shared_weights([extractor], networks, None)
     with pytest.raises(ValueError, match="shares weights with the reward"):  # the same tensors inside the reward
         refuse_shared_weights([extractor], [], torch.nn.Sequential(extractor.network))
+
+
+@pytest.mark.parametrize("depth, speck", [(4, 11), (11, 5)])
+def test_the_class1_figure_picks_the_axial_slice_through_a_bright_blob(depth: int, speck: int,
+                                                                       tmp_path: Path) -> None:
+    """A 3³ blob inside a noisy brain beats a brighter single voxel and the middle slice (8)."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))
+    brain = ((grid - 8) ** 2).sum(0) <= 36
+    noise = 0.1 * torch.randn(16, 16, 16, generator=torch.Generator().manual_seed(0))
+    volume = torch.where(brain, noise, torch.tensor(-1.0))
+    volume[7:10, 6:9, depth - 1 : depth + 2] = 0.8  # the blob, centred at (8, 7, depth)
+    volume[8, 9, speck] = 1.0  # one bright voxel: noise, not a cluster
+    assert brightest_cluster(volume[None]) == (8, 7, depth)
+    labels = torch.tensor([1, 1])
+    sources = {"real": (torch.stack([volume[None]] * 2), labels)}
+    plain = slice_comparison(sources, 1, tmp_path / "plain.png")
+    marked = slice_comparison(sources, 1, tmp_path / "marked.png", brightest=True)
+    width = lambda path: plt.imread(path).shape[1]  # noqa: E731
+    assert width(marked) == pytest.approx(width(plain) * 4 / 3, rel=0.02)  # a fourth column per volume
+    with pytest.raises(ValueError, match="no voxel above the background"):
+        brightest_cluster(torch.full((1, 4, 4, 4), -1.0))

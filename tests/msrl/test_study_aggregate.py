@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from msrl.evaluation.comparison import paired_distribution, paired_records
 from msrl.evaluation.extractors import FeatureExtractor
+from msrl.evaluation.fidelity import FIDELITY_METRIC, fidelity_records
 from msrl.evaluation.metrics import Estimate, kid, mean_t_ci
 from msrl.evaluation.scores import (
     FeatureCache,
@@ -59,6 +60,26 @@ def _labelled(seed: int, shift: tuple[float, float] = (0.0, 0.0)) -> LabelledVol
     return LabelledVolumes(noise + offset, torch.arange(N) % 2)
 
 
+class ScriptedClassifier(torch.nn.Module):
+    """Calls the classes it is given, one per volume in order (volumes judged in one batch)."""
+
+    def __init__(self, calls: torch.Tensor) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.calls[: len(volumes)], 2).float()
+
+
+def _fidelity(shown: int) -> list[dict]:
+    """Class fidelity of N volumes: every class-0 volume called right, the first `shown` class-1 volumes too."""
+    labels = torch.arange(N) % 2
+    calls = torch.zeros(N, dtype=torch.long)
+    calls[torch.nonzero(labels == 1).flatten()[:shown]] = 1
+    return fidelity_records([ScriptedClassifier(calls)], LabelledVolumes(torch.zeros(N, 1, 2, 2, 2), labels), [0],
+                            num_train=N, batch_size=N)
+
+
 CACHE = FeatureCache([VoxelFeatures("a", slice(0, 4)), VoxelFeatures("b", slice(4, 8))],
                      {"test": _labelled(100), "train": _labelled(200)})  # the real held-out and training sets
 
@@ -87,6 +108,7 @@ def _records(seed: int, noise: int, shift: tuple[float, float], utility: float, 
                        **{"class": "all"}, num_real=0, num_generated=N, num_pairs=4))
     values = torch.linspace(reward - 0.1, reward + 0.1, N)
     rows += reward_records({"slice2d": values, "total": values}, seed)
+    rows += _fidelity(min(max(2 + round((utility - 0.6) * 30), 0), N // 2))  # 2 of 6 lesions, more with utility
     if sampler == EVALUATION:  # utility is drawn at the evaluation's sampler only, as msrl evaluate does
         rows += _utility(utility, seed, "synthetic") + _utility(utility + 0.1, seed, "real+synthetic")
     return features, [{**row, "sampler": sampler} for row in rows]
@@ -105,7 +127,7 @@ def _metrics(arm: str, seed: int, gain: tuple[float, float], utility: float) -> 
               "samplers": {"evaluation": EVALUATION, "all": [{"label": EVALUATION}, {"label": ROLLOUT}]},
               "real": {"records": [record("ms_ssim", Estimate(0.28, (0.26, 0.3)), extractor=None, view="3d",
                                           **{"class": "all"}, num_real=N, num_generated=0)]
-                       + _utility(0.9, seed, "real")},
+                       + _utility(0.9, seed, "real") + _fidelity(N // 2)},
               "entries": [], "comparisons": []}
     for sampler in (EVALUATION, ROLLOUT):
         suffix = "" if sampler == EVALUATION else f" [{sampler}]"
@@ -218,8 +240,26 @@ def test_numbers_over_seeds_are_t_intervals_of_the_units_values(good_study: Path
     assert pretrained["spread"] < 1e-9 and len(pretrained["values"]) == 3  # the same samples in every arm's unit
 
 
+def test_class_fidelity_has_a_row_per_class_beside_the_real_ceiling_and_pairs_with_pretrained(
+        good_study: Path) -> None:
+    results = study_results(good_study)
+    fields = {"metric": FIDELITY_METRIC, "class": "1", "sampler": ROLLOUT}
+    row = next(r for r in results["arms"]["multiscale"]["rows"] if all(r[k] == v for k, v in fields.items()))
+    assert row["values"] == [5 / 6] * 3 and row["lower_is_better"] is False  # 2 + 3 of 6 lesions drawn
+    assert row["paired"]["mean"] == pytest.approx(0.5) and row["paired"]["verdict"] == "better"
+    assert [p["difference"] for p in row["paired"]["per_seed"]] == pytest.approx([0.5] * 3)
+    text = results_markdown(results)
+    table = text[text.index("### Table 1"):text.index("### Table 2")]
+    line = next(line for line in table.splitlines() if "class fidelity ↑ (real-trained classifier), class 1" in line)
+    assert "| 1 [1, 1] (held-out real) | 0.333 [0.333, 0.333] |" in line  # the real ceiling; pretrained: 2 of 6
+    assert "class fidelity ↑ (real-trained classifier), class 0" in table
+
+
 def test_claims_do_not_hold_with_their_numbers_when_multiscale_does_not_improve(tmp_path: Path) -> None:
     results = study_results(_study(tmp_path / "study", BAD))
+    lost = next(r for r in results["arms"]["multiscale"]["rows"]
+                if r["metric"] == FIDELITY_METRIC and r["class"] == "1" and r["sampler"] == ROLLOUT)
+    assert lost["paired"]["mean"] == pytest.approx(-1 / 3)  # no lesion drawn where pretrained drew 2 of 6
     assert _claims(results) == {"primary_fid": "does not hold", "other_fid": "does not hold",
                                 "utility": "does not hold", "single_scale": "does not hold"}
     other = next(c for c in results["claims"] if c["id"] == "other_fid")
