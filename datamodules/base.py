@@ -26,14 +26,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.atomic import atomic_save, atomic_write_text
-from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram, preprocess_subject
+from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram, preprocess_volume
 from datamodules.problems import DataError, Problem
 from datamodules.random_state import unchanged_random_state
 from datamodules.resumable import ResumableLoader
 from datamodules.splits import stratified_split
 
 log = logging.getLogger(__name__)
-PREPROCESSING_VERSION = 1  # bump when preprocessing changes, so old caches are not reused
+PREPROCESSING_VERSION = 2  # bump when preprocessing changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,18 @@ class _PreprocessJobs(Dataset):
         record = self.records[index]
         try:
             subject = self.module.load_subject(record)
-            image, mask = preprocess_subject(subject, self.module.channel_names, self.module.spatial_size)
+            image, mask, lesion = preprocess_volume(subject, self.module.channel_names, self.module.spatial_size,
+                                                    lesion_key=self.module.lesion_key,
+                                                    healthy_upper=self.module.healthy_upper,
+                                                    window=self.module.intensity_window)
         except Exception as exc:  # any failure on one subject is reported with its name, never hidden
             return record.subject_id, None, Problem(record.subject_id, record.source, str(exc))
         if not torch.isfinite(image).all():
             return record.subject_id, None, Problem(record.subject_id, record.source, "non-finite voxels")
-        return record.subject_id, {"image": image.to(self.module.cache_dtype), "mask": mask}, None
+        tensors = {"image": image.to(self.module.cache_dtype), "mask": mask}
+        if lesion is not None:  # the lesion's labels at the volume's size (BraTS-style `seg`)
+            tensors["seg"] = lesion
+        return record.subject_id, tensors, None
 
 
 class VolumeDataModule(L.LightningDataModule):
@@ -104,14 +110,22 @@ class VolumeDataModule(L.LightningDataModule):
         seed: seed of the split (and of anything random in the data set itself).
         on_bad_subject: "error" stops with a list of every problem; "skip" leaves the affected
             subjects out, logging each one and the count.
+        healthy_upper: where the healthy brain's upper intensity percentile lands on [-1, 1]; below
+            1 keeps a lesion brighter than any healthy tissue from being clamped onto it
+            (datamodules/preprocessing.py).
     """
 
     cache_dtype = torch.float32
+    lesion_key: str | None = None  # a LabelMap of lesion voxels left out of the intensity percentiles
+    intensity_window: tuple[float, float] | None = None  # a known intensity scale instead of per-volume percentiles
 
     def __init__(self, spatial_size: int = 32, cache_dir: str | Path = "data/cache", batch_size: int = 2,
                  num_workers: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 0, on_bad_subject: Literal["error", "skip"] = "error") -> None:
+                 seed: int = 0, on_bad_subject: Literal["error", "skip"] = "error", healthy_upper: float = 1.0) -> None:
         super().__init__()
+        if not -1.0 < healthy_upper <= 1.0:
+            raise ValueError(f"healthy_upper must be in (-1, 1], got {healthy_upper}")
+        self.healthy_upper = healthy_upper
         if spatial_size < 8:
             raise ValueError(f"spatial_size must be >= 8, got {spatial_size}")
         if batch_size < 1:
@@ -160,7 +174,9 @@ class VolumeDataModule(L.LightningDataModule):
     def cache_path(self) -> Path:
         """Folder of this configuration's cache: data-set name + hash of what decides the content."""
         fields = {"dataset": type(self).__name__, "spatial_size": self.spatial_size,
-                  "channels": self.channel_names, "preprocessing": PREPROCESSING_VERSION, **self.cache_fields()}
+                  "channels": self.channel_names, "preprocessing": PREPROCESSING_VERSION,
+                  "healthy_upper": self.healthy_upper, "lesion_key": self.lesion_key,
+                  "intensity_window": self.intensity_window, **self.cache_fields()}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return self.cache_dir / f"{type(self).__name__}-{self.spatial_size}-{digest}"
 

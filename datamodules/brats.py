@@ -41,14 +41,20 @@ class BraTS2019DataModule(VolumeDataModule):
         tumour_crop_size: side of that cube in voxels (1 mm).
         seg_channel: add the segmentation as a last input channel (off: it is a label, not MRI).
         expected_shape: the release's volume shape, checked by `msrl data check` (None: skip).
+        exclude_tumour: take the intensity percentiles from the brain outside `seg`, so that a large
+            enhancing tumour does not set T1ce's upper percentile and darken the healthy tissue
+            (datamodules/preprocessing.py); False: the whole brain, as before.
+        healthy_upper: where the healthy brain's upper percentile lands on [-1, 1]: 0.3 leaves an
+            enhancing tumour or a FLAIR-bright oedema up to 1.5× that percentile room before +1.
         **kwargs: see `VolumeDataModule`.
     """
 
     def __init__(self, root: str | None = None, modalities: list[Modality] | None = None,
                  grades: list[Grade] | None = None, tumour_crop: bool = False, tumour_crop_size: int = 128,
                  seg_channel: bool = False, expected_shape: tuple[int, int, int] | None = (240, 240, 155),
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 exclude_tumour: bool = True, healthy_upper: float = 0.3, **kwargs: Any) -> None:
+        super().__init__(healthy_upper=healthy_upper, **kwargs)
+        self.exclude_tumour = exclude_tumour
         self.root = root
         self.modalities = list(modalities or ["t1", "t1ce", "t2", "flair"])
         self.grades = list(grades or ["HGG", "LGG"])
@@ -66,6 +72,11 @@ class BraTS2019DataModule(VolumeDataModule):
         return self.modalities + (["seg"] if self.seg_channel else [])
 
     @property
+    def lesion_key(self) -> str | None:  # type: ignore[override]
+        """`seg` (the tumour) stays out of the intensity percentiles unless exclude_tumour is off."""
+        return "seg" if self.exclude_tumour else None
+
+    @property
     def num_classes(self) -> int:
         """HGG vs LGG."""
         return 2
@@ -81,7 +92,7 @@ class BraTS2019DataModule(VolumeDataModule):
                                    expected="HGG/ or LGG/")
 
     def _files_needed(self) -> list[str]:
-        return self.modalities + (["seg"] if self.seg_channel or self.tumour_crop else [])
+        return self.modalities + (["seg"] if self.seg_channel or self.tumour_crop or self.exclude_tumour else [])
 
     def scan(self) -> tuple[list[SubjectRecord], list[Problem]]:
         """Cases of the chosen grades; missing files and grade disagreements are problems."""

@@ -1,12 +1,21 @@
 """Preprocessing shared by every data set (docs/design.md §1).
 
 Canonical orientation → crop to the brain's bounding box → pad to a cube → resize to the cubic
-target → per-channel intensity to [-1, 1] by robust percentiles (0.5–99.5) inside the brain.
-Everything is a TorchIO transform so that a `tio.Subject` built from any release goes through the
-same steps; channels are separate `ScalarImage`s so each is normalised on its own.
+target → per-channel intensity by robust percentiles (0.5–99.5) of the *healthy* brain: the brain
+minus the lesion labels where a data set has them (BraTS `seg`, the embedded cohort's lesion). The
+lower percentile maps to -1 and the upper one to `healthy_upper` (1 by default; below 1 leaves room
+for a lesion brighter than any healthy tissue, such as an enhancing tumour in T1ce).
+
+Why the lesion is left out: a large bright lesion sets a whole-brain upper percentile, so the same
+healthy tissue would come out darker in a volume with a lesion than without one, and a classifier
+or a generator could read the class from the brightness of the whole brain instead of the lesion.
+Geometry goes through TorchIO transforms so a `tio.Subject` built from any release takes the same
+steps; channels are separate `ScalarImage`s so each is normalised on its own.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,13 +57,40 @@ def _pad_to_cube(subject: tio.Subject) -> tio.Subject:
     return tio.Pad(padding, padding_mode=0)(subject)
 
 
-def preprocess_subject(
+def healthy_percentiles(image: torch.Tensor, reference: torch.Tensor,
+                        percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The `percentiles` of `image` [D, H, W] over the voxels where `reference` [D, H, W] is true."""
+    values = image[reference].double()
+    if values.numel() == 0:
+        raise ValueError("no healthy brain voxel left to normalise by (the lesion labels cover the whole brain)")
+    low, high = torch.quantile(values, torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float64)).tolist()
+    return low, high
+
+
+class Preprocessed(NamedTuple):
+    """A preprocessed subject: image [C, S, S, S] in [-1, 1], brain mask and lesion labels [1, S, S, S]."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    lesion: torch.Tensor | None  # uint8 labels of the data set's lesion map (None: it has none)
+
+
+def preprocess_subject(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preprocess_volume`'s image and brain mask (same arguments)."""
+    image, mask, _ = preprocess_volume(*args, **kwargs)
+    return image, mask
+
+
+def preprocess_volume(
     subject: tio.Subject,
     channels: list[str],
     spatial_size: int,
     mask_key: str | None = "brain",
     percentiles: tuple[float, float] = (0.5, 99.5),
-) -> tuple[torch.Tensor, torch.Tensor]:
+    lesion_key: str | None = None,
+    healthy_upper: float = 1.0,
+    window: tuple[float, float] | None = None,
+) -> Preprocessed:
     """Apply the shared preprocessing and stack the channels.
 
     Args:
@@ -63,12 +99,21 @@ def preprocess_subject(
         channels: names of the subject's images, in channel order.
         spatial_size: side of the cubic output.
         mask_key: name of the brain mask in the subject, or None.
-        percentiles: intensity percentiles inside the brain mapped to -1 and 1.
+        percentiles: intensity percentiles of the healthy brain mapped to -1 and `healthy_upper`.
+        lesion_key: name of a `LabelMap` whose non-zero voxels are lesion (left out of the
+            percentiles), or None when the data set has none.
+        healthy_upper: where the upper percentile lands, in (-1, 1]; voxels above 1 are clamped.
+        window: source intensities mapped to -1 and `healthy_upper` for a data set whose volumes
+            come on a known scale (the embedded cohort); None estimates them per volume and channel
+            from the percentiles.
 
     Returns:
         image: float32 [C, S, S, S] in [-1, 1], background -1.
         mask: bool [1, S, S, S] brain mask.
+        lesion: uint8 [1, S, S, S] labels under `lesion_key` (nearest-neighbour resampled), or None.
     """
+    if not -1.0 < healthy_upper <= 1.0:
+        raise ValueError(f"healthy_upper must be in (-1, 1], got {healthy_upper}")
     subject = tio.ToCanonical()(subject)
     if mask_key is None:
         first = subject[channels[0]].data
@@ -79,13 +124,18 @@ def preprocess_subject(
     subject = tio.Crop(brain_bounding_box(mask))(subject)
     subject = _pad_to_cube(subject)
     subject = tio.Resize(spatial_size)(subject)
-    rescale = tio.RescaleIntensity(out_min_max=(-1.0, 1.0), percentiles=percentiles, masking_method=mask_key,
-                                   include=list(channels))
-    subject = rescale(subject)
     brain = subject[mask_key].data[:1] > 0
-    image = torch.cat([subject[name].data.float() for name in channels], dim=0)
+    healthy = brain[0] if lesion_key is None else brain[0] & (subject[lesion_key].data[0] == 0)
+    scaled = []
+    for name in channels:
+        data = subject[name].data[0].float()
+        low, high = window if window is not None else healthy_percentiles(data, healthy, percentiles)
+        span = max(high - low, 1e-8)
+        scaled.append(-1.0 + (healthy_upper + 1.0) * (data - low) / span)
+    image = torch.stack(scaled)
     image = torch.where(brain, image, torch.full_like(image, BACKGROUND)).clamp(-1.0, 1.0)
-    return image.contiguous(), brain
+    lesion = None if lesion_key is None else subject[lesion_key].data[:1].to(torch.uint8).contiguous()
+    return Preprocessed(image.contiguous(), brain, lesion)
 
 
 def foreground_histogram(volume: torch.Tensor, bins: int, background: float) -> torch.Tensor:

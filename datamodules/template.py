@@ -20,7 +20,11 @@ import torchio as tio
 from datamodules.base import SubjectRecord, VolumeDataModule
 from datamodules.problems import Problem
 
-GENERATOR_VERSION = 7  # part of the cache key: bump when the synthesis changes
+GENERATOR_VERSION = 8  # part of the cache key: bump when the synthesis changes
+# The enhancing rim's intensity over the healthy brain's 99.5th percentile (before the bias field): brighter than
+# any white matter, and mostly below +1 once preprocessing maps that percentile to `healthy_upper`.
+RIM_OVER_BRIGHTEST = (1.6, 1.8)
+HEALTHY_PERCENTILES = (0.5, 99.5)  # the healthy brain's percentiles that define the cohort's intensity scale
 
 
 @lru_cache(maxsize=2)
@@ -86,12 +90,31 @@ def lesion_maps(mask_shape: tuple[int, int, int], wm: np.ndarray, depth: np.ndar
 
     core = soft_ball(rng.uniform(0.5, 0.6))
     rim = np.clip(soft_ball(1.0) - core, 0, 1)
-    oedema = np.clip(soft_ball(rng.uniform(1.7, 2.1), softness=0.2) - soft_ball(1.0), 0, 1)
+    oedema = np.clip(soft_ball(rng.uniform(1.4, 1.7), softness=0.12) - soft_ball(1.0), 0, 1)
     return {"oedema": oedema.astype(np.float32), "rim": rim.astype(np.float32), "core": core.astype(np.float32)}
 
 
 def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> tio.Subject:
-    """One synthetic subject; identical for identical (index, label, seed, resolution)."""
+    """One synthetic subject on the cohort's known intensity scale; identical for identical arguments.
+
+    The scale is the subject's healthy brain: the same subject drawn without its lesion has its
+    0.5th and 99.5th brain percentiles at 0 and 1 (`HEALTHY_PERCENTILES`), so the lesion adds
+    voxels without moving the healthy tissue (preprocessing then maps this window as it stands).
+
+    Returns:
+        A subject with `image` (ScalarImage), `brain` and `seg` (LabelMaps; seg holds the lesion's
+        parts by `SEG_LABELS`, all 0 for class 0).
+    """
+    healthy = draw_subject(index, 0, seed, resolution)
+    subject = healthy if label == 0 else draw_subject(index, label, seed, resolution)
+    brain = healthy["brain"].data[0].numpy() > 0
+    low, high = np.percentile(healthy["image"].data[0].numpy()[brain], HEALTHY_PERCENTILES)
+    subject["image"].set_data((subject["image"].data - float(low)) / max(float(high - low), 1e-6))
+    return subject
+
+
+def draw_subject(index: int, label: int, seed: int, resolution: int) -> tio.Subject:
+    """The subject in the template's own units (T1 maximum 1): tissues, lesion for class 1, augmentation."""
     template = load_mni152(resolution)
     rng = np.random.default_rng([seed, index])
     mask = template["mask"]
@@ -103,12 +126,15 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
     mix = rng.uniform(0.3, 0.7)
     augment_seed = int(rng.integers(2**31))
     image = (mix * template["t1"] + (1.0 - mix) * tissue) * mask
+    seg = np.zeros(mask.shape, dtype=np.uint8)
     if label == 1:  # its own generator: a subject with and without lesion differ only in the lesion
-        image = add_lesion(image, mask, wm, template["depth"], np.random.default_rng([seed, index, 1]), mu_wm, mu_gm,
-                           mu_csf)
+        image, seg = add_lesion(image, mask, wm, template["depth"], np.random.default_rng([seed, index, 1]), mu_wm,
+                                mu_gm, mu_csf)
+    affine = template["affine"]
     subject = tio.Subject(
-        image=tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)), affine=template["affine"]),
-        brain=tio.LabelMap(tensor=torch.from_numpy(mask[None].astype(np.uint8)), affine=template["affine"]),
+        image=tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)), affine=affine),
+        brain=tio.LabelMap(tensor=torch.from_numpy(mask[None].astype(np.uint8)), affine=affine),
+        seg=tio.LabelMap(tensor=torch.from_numpy(seg[None]), affine=affine),
     )
     augment = tio.Compose([
         tio.RandomAffine(scales=0.06, degrees=5, translation=2 * resolution, default_pad_value=0),
@@ -121,25 +147,38 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
         return augment(subject)
 
 
+SEG_LABELS = {"core": 1, "oedema": 2, "rim": 4}  # BraTS's convention: necrotic core 1, oedema 2, enhancing 4
+SEG_SUPPORT = 0.02  # a voxel the lesion's soft parts cover this much is labelled: the labels cover every changed voxel
+
+
 def add_lesion(image: np.ndarray, mask: np.ndarray, wm: np.ndarray, depth: np.ndarray, rng: np.random.Generator,
-               mu_wm: float, mu_gm: float, mu_csf: float) -> np.ndarray:
+               mu_wm: float, mu_gm: float, mu_csf: float) -> tuple[np.ndarray, np.ndarray]:
     """`image` with a contrast-enhanced (T1-Gd-like) glioblastoma: dark necrosis, bright rim, dim oedema.
 
-    The intensities are set against the subject's own tissue means so that the lesion stays apart
-    from white matter after the per-volume percentile scaling: the rim is brighter than any white
-    matter (and, being large, sets the upper percentile), the necrotic core is as dark as CSF with a
-    mottled texture, and the oedema is darker than white matter, near grey matter.
+    The intensities are set against the subject's own tissues: the rim is brighter than the
+    brightest white matter (`RIM_OVER_BRIGHTEST`), the necrotic core as dark as CSF with a mottled
+    texture, the oedema darker than white matter, near grey matter. The healthy tissue is left
+    exactly as it was and the cohort's intensity scale comes from the healthy twin
+    (`synthesise_subject`), so the class lives in the lesion alone.
+
+    Returns:
+        The image and its lesion labels [D, H, W] uint8 (`SEG_LABELS`, 0 elsewhere): each voxel the
+        lesion changes (its parts sum to `SEG_SUPPORT` or more) takes the part that dominates it.
     """
-    parts = lesion_maps(mask.shape, wm, depth, rng, radius_fraction=(0.11, 0.15))
+    parts = lesion_maps(mask.shape, wm, depth, rng, radius_fraction=(0.09, 0.13))
     texture = smooth_field(mask.shape, rng, points=12)  # mottled necrosis, a patchy rim
     values = {
         "oedema": rng.uniform(0.85, 1.0) * mu_gm + 0.02 * texture,
-        "rim": rng.uniform(1.9, 2.3) * mu_wm * (1.0 + 0.1 * texture),
+        "rim": rng.uniform(*RIM_OVER_BRIGHTEST) * float(np.percentile(image[mask], 99.5)) * (1.0 + 0.05 * texture),
         "core": mu_csf * rng.uniform(0.9, 1.3) * (1.0 + 0.4 * texture),
     }
     for name, value in values.items():
         image = image * (1.0 - parts[name]) + value * parts[name] * mask
-    return image
+    names = list(SEG_LABELS)
+    stacked = np.stack([parts[name] * mask for name in names])
+    dominant = np.array([SEG_LABELS[name] for name in names], dtype=np.uint8)[stacked.argmax(0)]
+    seg = np.where(stacked.sum(0) >= SEG_SUPPORT, dominant, 0).astype(np.uint8)
+    return image, seg
 
 
 class TemplateCohortDataModule(VolumeDataModule):
@@ -149,11 +188,17 @@ class TemplateCohortDataModule(VolumeDataModule):
         num_subjects: subjects in the cohort (half of each class, up to one).
         template_resolution: mm per voxel of the template the cohort is synthesised from
             (2 is plenty below 64³, 1 gives the full detail for 64³/128³); None picks by size.
+        healthy_upper: where the healthy brain's upper percentile lands: 0.2 leaves the enhancing
+            rim (`RIM_OVER_BRIGHTEST`) room above every healthy voxel without reaching +1.
         **kwargs: see `VolumeDataModule` (spatial_size, cache_dir, batch_size, seed, ...).
     """
 
-    def __init__(self, num_subjects: int = 64, template_resolution: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    lesion_key = "seg"  # the lesion's parts, BraTS-style labels (SEG_LABELS)
+    intensity_window = (0.0, 1.0)  # synthesised on a known scale: the healthy brain's percentiles at 0 and 1
+
+    def __init__(self, num_subjects: int = 64, template_resolution: int | None = None, healthy_upper: float = 0.2,
+                 **kwargs: Any) -> None:
+        super().__init__(healthy_upper=healthy_upper, **kwargs)
         if num_subjects < 2:
             raise ValueError(f"num_subjects must be >= 2 (one per class), got {num_subjects}")
         if template_resolution not in (None, 1, 2):

@@ -33,7 +33,8 @@ def test_doubled_top_folder_both_grades_and_modality_order(tmp_path: Path) -> No
     assert {r.subject_id: r.label for r in records}["BraTS19_2013_0_1"] == 0
     files = records[0].files
     assert files[0].endswith("_flair.nii.gz") and files[1].endswith("_t1.nii.gz")  # never _t1ce
-    assert len(files) == 2  # seg is not read unless asked for
+    assert len(files) == 3 and files[2].endswith("_seg.nii.gz")  # seg: the tumour stays out of the percentiles
+    assert len(_module(tmp_path / "data", tmp_path, modalities=["t1"], exclude_tumour=False).list_subjects()[0].files) == 1
     module.prepare_data()
     module.setup("fit")
     item = module.datasets["train"][0]
