@@ -100,21 +100,14 @@ def synthesise_subject(index: int, label: int, seed: int, resolution: int) -> ti
     The scale is the subject's healthy brain: the same subject drawn without its lesion has its
     0.5th and 99.5th brain percentiles at 0 and 1 (`HEALTHY_PERCENTILES`), so the lesion adds
     voxels without moving the healthy tissue (preprocessing then maps this window as it stands).
+    The lesion travels through the augmentation as a separate difference image (the spatial
+    transforms and the bias field are linear in intensity; the noise is the healthy image's), so
+    both twins come out of one augmentation pass.
 
     Returns:
         A subject with `image` (ScalarImage), `brain` and `seg` (LabelMaps; seg holds the lesion's
         parts by `SEG_LABELS`, all 0 for class 0).
     """
-    healthy = draw_subject(index, 0, seed, resolution)
-    subject = healthy if label == 0 else draw_subject(index, label, seed, resolution)
-    brain = healthy["brain"].data[0].numpy() > 0
-    low, high = np.percentile(healthy["image"].data[0].numpy()[brain], HEALTHY_PERCENTILES)
-    subject["image"].set_data((subject["image"].data - float(low)) / max(float(high - low), 1e-6))
-    return subject
-
-
-def draw_subject(index: int, label: int, seed: int, resolution: int) -> tio.Subject:
-    """The subject in the template's own units (T1 maximum 1): tissues, lesion for class 1, augmentation."""
     template = load_mni152(resolution)
     rng = np.random.default_rng([seed, index])
     mask = template["mask"]
@@ -126,25 +119,38 @@ def draw_subject(index: int, label: int, seed: int, resolution: int) -> tio.Subj
     mix = rng.uniform(0.3, 0.7)
     augment_seed = int(rng.integers(2**31))
     image = (mix * template["t1"] + (1.0 - mix) * tissue) * mask
-    seg = np.zeros(mask.shape, dtype=np.uint8)
-    if label == 1:  # its own generator: a subject with and without lesion differ only in the lesion
-        image, seg = add_lesion(image, mask, wm, template["depth"], np.random.default_rng([seed, index, 1]), mu_wm,
-                                mu_gm, mu_csf)
     affine = template["affine"]
-    subject = tio.Subject(
-        image=tio.ScalarImage(tensor=torch.from_numpy(image[None].astype(np.float32)), affine=affine),
-        brain=tio.LabelMap(tensor=torch.from_numpy(mask[None].astype(np.uint8)), affine=affine),
-        seg=tio.LabelMap(tensor=torch.from_numpy(seg[None]), affine=affine),
-    )
-    augment = tio.Compose([
+
+    def volume(array: np.ndarray, kind: type[tio.Image]) -> tio.Image:
+        return kind(tensor=torch.from_numpy(array[None]), affine=affine)
+
+    subject = tio.Subject(image=volume(image.astype(np.float32), tio.ScalarImage),
+                          brain=volume(mask.astype(np.uint8), tio.LabelMap))
+    if label == 1:  # its own generator: a subject with and without lesion differ only in the lesion
+        with_lesion, seg = add_lesion(image, mask, wm, template["depth"], np.random.default_rng([seed, index, 1]),
+                                      mu_gm, mu_csf)
+        subject.add_image(volume((with_lesion - image).astype(np.float32), tio.ScalarImage), "lesion")
+        subject.add_image(volume(seg, tio.LabelMap), "seg")
+    augment = [
         tio.RandomAffine(scales=0.06, degrees=5, translation=2 * resolution, default_pad_value=0),
         tio.RandomElasticDeformation(num_control_points=6, max_displacement=3.0 * resolution, locked_borders=2),
-        tio.RandomBiasField(coefficients=0.3),
-        tio.RandomNoise(std=(0.0, 0.02)),
-    ])
+        tio.RandomBiasField(coefficients=0.15),  # mild, as after a gain-field correction
+        tio.RandomNoise(std=(0.0, 0.02), exclude=["lesion"]),
+    ]
     with torch.random.fork_rng(devices=[]):  # TorchIO draws from torch's global generator
-        torch.manual_seed(augment_seed)
-        return augment(subject)
+        for step, transform in enumerate(augment):  # a seed per transform: what one draws can't depend on the images
+            torch.manual_seed(augment_seed + step)
+            subject = transform(subject)
+    healthy = subject["image"].data
+    low, high = np.percentile(healthy[0].numpy()[subject["brain"].data[0].numpy() > 0], HEALTHY_PERCENTILES)
+    if label == 1:
+        healthy = healthy + subject["lesion"].data
+        subject.remove_image("lesion")
+    else:
+        subject.add_image(tio.LabelMap(tensor=torch.zeros_like(subject["brain"].data), affine=subject["brain"].affine),
+                          "seg")
+    subject["image"].set_data((healthy - float(low)) / max(float(high - low), 1e-6))
+    return subject
 
 
 SEG_LABELS = {"core": 1, "oedema": 2, "rim": 4}  # BraTS's convention: necrotic core 1, oedema 2, enhancing 4
@@ -152,7 +158,7 @@ SEG_SUPPORT = 0.02  # a voxel the lesion's soft parts cover this much is labelle
 
 
 def add_lesion(image: np.ndarray, mask: np.ndarray, wm: np.ndarray, depth: np.ndarray, rng: np.random.Generator,
-               mu_wm: float, mu_gm: float, mu_csf: float) -> tuple[np.ndarray, np.ndarray]:
+               mu_gm: float, mu_csf: float) -> tuple[np.ndarray, np.ndarray]:
     """`image` with a contrast-enhanced (T1-Gd-like) glioblastoma: dark necrosis, bright rim, dim oedema.
 
     The intensities are set against the subject's own tissues: the rim is brighter than the
