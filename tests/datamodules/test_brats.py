@@ -34,7 +34,8 @@ def test_doubled_top_folder_both_grades_and_modality_order(tmp_path: Path) -> No
     files = records[0].files
     assert files[0].endswith("_flair.nii.gz") and files[1].endswith("_t1.nii.gz")  # never _t1ce
     assert len(files) == 3 and files[2].endswith("_seg.nii.gz")  # seg: the tumour stays out of the percentiles
-    assert len(_module(tmp_path / "data", tmp_path, modalities=["t1"], exclude_tumour=False).list_subjects()[0].files) == 1
+    whole_brain = _module(tmp_path / "data", tmp_path, modalities=["t1"], exclude_tumour=False)
+    assert len(whole_brain.list_subjects()[0].files) == 1
     module.prepare_data()
     module.setup("fit")
     item = module.datasets["train"][0]
