@@ -20,10 +20,10 @@ import torchio as tio
 from datamodules.base import SubjectRecord, VolumeDataModule
 from datamodules.problems import Problem
 
-GENERATOR_VERSION = 8  # part of the cache key: bump when the synthesis changes
+GENERATOR_VERSION = 9  # part of the cache key: bump when the synthesis changes
 # The enhancing rim's intensity over the healthy brain's 99.5th percentile (before the bias field): brighter than
 # any white matter, and mostly below +1 once preprocessing maps that percentile to `healthy_upper`.
-RIM_OVER_BRIGHTEST = (1.6, 1.8)
+RIM_OVER_BRIGHTEST = (1.8, 2.0)
 HEALTHY_PERCENTILES = (0.5, 99.5)  # the healthy brain's percentiles that define the cohort's intensity scale
 
 
@@ -88,7 +88,7 @@ def lesion_maps(mask_shape: tuple[int, int, int], wm: np.ndarray, depth: np.ndar
     def soft_ball(r: float, softness: float = 0.08) -> np.ndarray:
         return 1.0 / (1.0 + np.exp((distance - r) / softness))
 
-    core = soft_ball(rng.uniform(0.5, 0.6))
+    core = soft_ball(rng.uniform(0.35, 0.5))
     rim = np.clip(soft_ball(1.0) - core, 0, 1)
     oedema = np.clip(soft_ball(rng.uniform(1.4, 1.7), softness=0.12) - soft_ball(1.0), 0, 1)
     return {"oedema": oedema.astype(np.float32), "rim": rim.astype(np.float32), "core": core.astype(np.float32)}
@@ -194,7 +194,7 @@ class TemplateCohortDataModule(VolumeDataModule):
         num_subjects: subjects in the cohort (half of each class, up to one).
         template_resolution: mm per voxel of the template the cohort is synthesised from
             (2 is plenty below 64³, 1 gives the full detail for 64³/128³); None picks by size.
-        healthy_upper: where the healthy brain's upper percentile lands: 0.2 leaves the enhancing
+        healthy_upper: where the healthy brain's upper percentile lands: 0.0 leaves the enhancing
             rim (`RIM_OVER_BRIGHTEST`) room above every healthy voxel without reaching +1.
         **kwargs: see `VolumeDataModule` (spatial_size, cache_dir, batch_size, seed, ...).
     """
@@ -202,7 +202,7 @@ class TemplateCohortDataModule(VolumeDataModule):
     lesion_key = "seg"  # the lesion's parts, BraTS-style labels (SEG_LABELS)
     intensity_window = (0.0, 1.0)  # synthesised on a known scale: the healthy brain's percentiles at 0 and 1
 
-    def __init__(self, num_subjects: int = 64, template_resolution: int | None = None, healthy_upper: float = 0.2,
+    def __init__(self, num_subjects: int = 64, template_resolution: int | None = None, healthy_upper: float = 0.0,
                  **kwargs: Any) -> None:
         super().__init__(healthy_upper=healthy_upper, **kwargs)
         if num_subjects < 2:

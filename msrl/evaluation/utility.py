@@ -46,7 +46,7 @@ class LabelledVolumes:
 
 
 class UtilityNet(nn.Module):
-    """Average-pool by `downsample`, a stem convolution, stride-2 MONAI residual units, global average pool.
+    """Average-pool by `downsample`, a stem convolution, stride-2 MONAI residual units, global max pool.
 
     Args:
         in_channels: image channels.
@@ -97,9 +97,9 @@ class UtilityProtocol:
         seeds: one classifier per seed and training set.
     """
 
-    channels: Sequence[int] = (8, 16, 32, 64)
+    channels: Sequence[int] = (16, 32)  # shallow: a local detector under the global max learns from tens of volumes
     downsample: int = 2
-    epochs: int = 20
+    epochs: int = 60
     batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4

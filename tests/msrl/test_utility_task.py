@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.preprocessing import preprocess_subject
+from datamodules import TemplateCohortDataModule
+from datamodules.preprocessing import preprocess_volume
 from datamodules.template import synthesise_subject
 from lightning_modules.critics.networks import PooledConvNet
 from msrl.evaluation.utility import LabelledVolumes, UtilityNet, UtilityProtocol, summarise
@@ -89,9 +90,11 @@ def rim_above_white_matter(healthy: torch.Tensor, lesion: torch.Tensor) -> float
 
 
 def test_lesion_rim_stands_apart_from_white_matter_after_preprocessing() -> None:
-    """Percentile scaling must not map the enhancing rim onto the brightest white matter (+1 in both)."""
-    healthy, _ = preprocess_subject(synthesise_subject(1, 0, seed=0, resolution=2), ["image"], 32)
-    lesion, _ = preprocess_subject(synthesise_subject(1, 1, seed=0, resolution=2), ["image"], 32)
+    """Intensity scaling must not map the enhancing rim onto the brightest white matter (+1 in both)."""
+    module = TemplateCohortDataModule(spatial_size=32)
+    healthy, lesion = (preprocess_volume(synthesise_subject(1, label, seed=0, resolution=2), ["image"], 32,
+                                         lesion_key=module.lesion_key, healthy_upper=module.healthy_upper,
+                                         window=module.intensity_window).image for label in (0, 1))
     assert rim_above_white_matter(healthy, lesion) >= 0.3
 
 
@@ -101,20 +104,78 @@ def _split(dataset: torch.utils.data.Dataset) -> LabelledVolumes:
                            torch.stack([item["label"] for item in items]))
 
 
-@pytest.mark.slow
-def test_real_trained_classifier_finds_the_lesion_on_the_64_cohort() -> None:
-    """Issue #16: balanced accuracy ≥ 0.90 on ≥ 32 held-out volumes per class, trained on real volumes."""
-    from datamodules import TemplateCohortDataModule
-
-    cache = Path(os.environ.get("MSRL_TEST_CACHE", REPO / "data/cache"))  # the built cohort is reused
+def _demo_cohort() -> TemplateCohortDataModule:
+    """The demo's cohort at 64³ (160 subjects: 64 train, 32 val, 64 test), built once and reused."""
+    cache = Path(os.environ.get("MSRL_TEST_CACHE", REPO / "data/cache"))
     data = TemplateCohortDataModule(num_subjects=160, spatial_size=64, template_resolution=2, cache_dir=cache,
                                     val_fraction=0.2, test_fraction=0.4)
     data.prepare_data()
     data.setup("test")
+    return data
+
+
+@pytest.mark.slow
+def test_real_trained_classifier_finds_the_lesion_on_the_64_cohort() -> None:
+    """Issue #30: balanced accuracy ≥ 0.95 on ≥ 32 held-out volumes per class, trained on real volumes."""
+    data = _demo_cohort()
     train, test = (_split(data.datasets[name]) for name in ("train", "test"))
     assert min(int((test.labels == label).sum()) for label in (0, 1)) >= 32
     start = time.perf_counter()
     runs = UtilityProtocol().runs(train, test, data.num_classes)
     seconds = (time.perf_counter() - start) / len(runs)  # reported, not asserted: it depends on the machine's load
     print(f"utility on the 64³ cohort: {runs}, {seconds:.1f} s per classifier")
-    assert all(run["balanced_accuracy"] >= 0.90 for run in runs), runs
+    assert all(run["balanced_accuracy"] >= 0.95 for run in runs), runs
+
+
+def _intensity_statistics(dataset: torch.utils.data.Dataset, healthy_only: bool) -> torch.Tensor:
+    """Per volume: mean, std and the 5/25/50/75/95th percentiles of the healthy brain (or the whole brain)."""
+    rows = []
+    for index in range(len(dataset)):
+        cached = torch.load(dataset.files[index], weights_only=True)
+        region = cached["mask"] & (cached["seg"] == 0) if healthy_only else cached["mask"]
+        values = cached["image"][region].double()
+        quantiles = torch.quantile(values, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
+        rows.append(torch.cat([values.mean()[None], values.std()[None], quantiles]))
+    return torch.stack(rows)
+
+
+def _logistic_balanced_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                                test_y: torch.Tensor) -> float:
+    """An L2-regularised logistic regression on standardised features: balanced accuracy on the test set."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-8
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weights = torch.zeros(train_x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weights], max_iter=200)
+
+    def loss() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = train_x @ weights[:-1] + weights[-1]
+        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, train_y.double())
+        value = value + 1e-3 * (weights[:-1] ** 2).sum()
+        value.backward()
+        return value
+
+    optimiser.step(loss)
+    predicted = (test_x @ weights[:-1] + weights[-1] > 0).long()
+    return float(sum((predicted[test_y == k] == k).double().mean() for k in (0, 1)) / 2)
+
+
+@pytest.mark.slow
+def test_global_intensity_statistics_of_the_healthy_tissue_do_not_tell_the_class() -> None:
+    """Issue #30: the class lives in the lesion: healthy-tissue statistics are at chance on the test split.
+
+    The same classifier on the whole brain's statistics (lesion included) must find the class, so
+    the test could fail: it is the lesion, not the classifier, that carries the label.
+    """
+    data = _demo_cohort()
+    train, test = data.datasets["train"], data.datasets["test"]
+    train_y = torch.tensor([r.label for r in train.records])
+    test_y = torch.tensor([r.label for r in test.records])
+    healthy = _logistic_balanced_accuracy(_intensity_statistics(train, True), train_y,
+                                          _intensity_statistics(test, True), test_y)
+    whole = _logistic_balanced_accuracy(_intensity_statistics(train, False), train_y,
+                                        _intensity_statistics(test, False), test_y)
+    print(f"balanced accuracy on {len(test_y)} test volumes: healthy-tissue statistics {healthy:.3f}, "
+          f"whole-brain statistics {whole:.3f}")
+    assert whole >= 0.8
+    assert abs(healthy - 0.5) <= 0.15  # 64 volumes: one binomial sd of chance is 0.0625
