@@ -3,9 +3,10 @@
 A data set states only what differs: which subjects exist and what is wrong with the listing
 (`scan`), and how to read one subject into a TorchIO subject (`load_subject`). The base applies the
 `on_bad_subject` policy, preprocesses every subject once (docs/design.md §1) into a cache keyed by the
-preprocessing settings and by each source file's path, size and mtime, splits deterministically by
-`seed` with stratification by label, and serves items `{"image": float32 [C, D, H, W] in [-1, 1],
-"label": int64 [], "subject_id": str}` (plus `"meta"` where the data set has it).
+preprocessing settings and by each source file's path, size and mtime, checks that cache before a run
+reads it (datamodules/cache_index.py), splits deterministically by `seed` with stratification by label,
+and serves items `{"image": float32 [C, D, H, W] in [-1, 1], "label": int64 [], "subject_id": str}`
+(plus `"meta"` where the data set has it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import os
 from abc import abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,8 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.atomic import atomic_save, atomic_write_text
+from datamodules.atomic import atomic_save
+from datamodules.cache_index import CachedVolumeDataset, CacheEntry, CacheIndex, CacheVerifier, VerifyCache
 from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram, preprocess_volume
 from datamodules.problems import DataError, Problem
 from datamodules.random_state import unchanged_random_state
@@ -45,25 +47,6 @@ class SubjectRecord:
     source: str = ""
     files: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-
-class CachedVolumeDataset(Dataset):
-    """Items read from the preprocessed cache, one `.pt` file per subject."""
-
-    def __init__(self, files: list[Path], records: list[SubjectRecord]) -> None:
-        self.files, self.records = files, records
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
-        image = torch.load(self.files[index], map_location="cpu", weights_only=True)["image"]
-        item = {"image": image.float(), "label": torch.tensor(record.label, dtype=torch.int64),
-                "subject_id": record.subject_id}
-        if record.meta:
-            item["meta"] = record.meta
-        return item
 
 
 class _PreprocessJobs(Dataset):
@@ -113,6 +96,8 @@ class VolumeDataModule(L.LightningDataModule):
         healthy_upper: where the healthy brain's upper intensity percentile lands on [-1, 1]; below
             1 keeps a lesion brighter than any healthy tissue from being clamped onto it
             (datamodules/preprocessing.py).
+        verify_cache: how every process checks each cache file against the index before the first
+            step: "size" (truncated files) or "checksum" (any damage; reads each file once).
     """
 
     cache_dtype = torch.float32
@@ -121,8 +106,10 @@ class VolumeDataModule(L.LightningDataModule):
 
     def __init__(self, spatial_size: int = 32, cache_dir: str | Path = "data/cache", batch_size: int = 2,
                  num_workers: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 0, on_bad_subject: Literal["error", "skip"] = "error", healthy_upper: float = 1.0) -> None:
+                 seed: int = 0, on_bad_subject: Literal["error", "skip"] = "error", healthy_upper: float = 1.0,
+                 verify_cache: VerifyCache = "checksum") -> None:
         super().__init__()
+        self.verify_cache, self._verifier = verify_cache, CacheVerifier(verify_cache)
         if not -1.0 < healthy_upper <= 1.0:
             raise ValueError(f"healthy_upper must be in (-1, 1], got {healthy_upper}")
         self.healthy_upper = healthy_upper
@@ -195,7 +182,7 @@ class VolumeDataModule(L.LightningDataModule):
         return records
 
     def prepare_data(self) -> None:
-        """Preprocess every subject missing from the cache (local rank 0 only, once per node).
+        """Preprocess every subject missing from the cache, rebuild damaged files (local rank 0, once per node).
 
         How much work this is depends on the cache, so it leaves the global random generators as it
         found them: a run with a cold cache draws what a run with a warm one draws.
@@ -204,33 +191,75 @@ class VolumeDataModule(L.LightningDataModule):
             self._preprocess_missing()
 
     def _preprocess_missing(self) -> None:
+        """Preprocess the subjects not cached yet, rebuild damaged cache files, write the index.
+
+        A file the index lists that is missing or fails the check (`verify_cache`) is rebuilt, with a
+        warning naming the subject and the file. A damaged file whose rebuild fails stops the run
+        whatever `on_bad_subject` says, naming the file; deleting it makes the subject a new one.
+        """
         records = self.list_subjects()
         self.cache_path.mkdir(parents=True, exist_ok=True)
-        todo = [r for r in records if not self._file(r).exists()]
-        problems: list[Problem] = []
-        if todo:
-            log.info("preprocessing %d subjects into %s", len(todo), self.cache_path)
-            by_id = {r.subject_id: r for r in todo}
-            # its own generator: a DataLoader otherwise draws its workers' base seed from the global one
-            jobs = DataLoader(_PreprocessJobs(self, todo), batch_size=None, num_workers=self.num_workers,
-                              generator=torch.Generator().manual_seed(self.seed))
-            for subject_id, tensors, problem in tqdm(jobs, total=len(todo), desc="preprocess", leave=False):
-                if problem is None:
-                    atomic_save(tensors, self._file(by_id[subject_id]))
-                else:
-                    problems.append(problem)
+        entries, damaged = self.cache.triage({r.subject_id: self._file(r) for r in records})
+        problems = self._preprocess([r for r in records if r.subject_id not in entries], entries)
+        refused = [Problem(p.subject_id, str(damaged[p.subject_id]), f"damaged, and rebuilding it failed: {p.message}")
+                   for p in problems if p.subject_id in damaged]
+        if refused:
+            raise DataError(type(self).__name__, refused, hint=(
+                "Restore the subjects' source files, or these cache files from an intact copy of the cache, and run "
+                "again; or delete them: the subjects are then preprocessed anew, as on_bad_subject says."))
         records = self._apply_policy(records, problems)
-        index = [{**asdict(r), "cache_file": self._file(r).name} for r in records]
-        atomic_write_text(json.dumps(index, indent=1, default=str), self.cache_path / "index.json")
+        self.cache.write([(asdict(r), entries[r.subject_id]) for r in records])
+
+    def _preprocess(self, todo: list[SubjectRecord], entries: dict[str, CacheEntry]) -> list[Problem]:
+        """Preprocess `todo` into the cache (one atomic write each), adding their entries; the failures."""
+        if not todo:
+            return []
+        log.info("preprocessing %d subjects into %s", len(todo), self.cache_path)
+        by_id, problems = {r.subject_id: r for r in todo}, []
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global one
+        jobs = DataLoader(_PreprocessJobs(self, todo), batch_size=None, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
+        for subject_id, tensors, problem in tqdm(jobs, total=len(todo), desc="preprocess", leave=False):
+            if problem is None:
+                file = self._file(by_id[subject_id])
+                atomic_save(tensors, file)
+                entries[subject_id] = CacheEntry.written(file)
+            else:
+                problems.append(problem)
+        return problems
+
+    @property
+    def cache(self) -> CacheIndex:
+        """The index of this configuration's cache folder, checked as `verify_cache` says."""
+        return CacheIndex(self.cache_path, self._verifier)
+
+    def read_index(self) -> list[tuple[SubjectRecord, CacheEntry]]:
+        """The subjects of the cache index and their cache files (raises when there is no index yet)."""
+        try:
+            return [(SubjectRecord(**{**fields, "files": tuple(fields.get("files", ()))}), entry)
+                    for fields, entry in self.cache.read()]
+        except TypeError as exc:  # a row whose fields are not a SubjectRecord's
+            raise ValueError(f"{self.cache.file} is unreadable ({exc}); expected the index prepare_data writes: "
+                             "delete it and run again to rewrite it") from exc
+
+    def cache_problems(self, verify: VerifyCache | None = None) -> list[Problem]:
+        """Every cache file the index lists that is missing or damaged ([] without an index); see `CacheIndex`."""
+        return self.cache.problems(self.read_index(), verify) if self.cache.file.exists() else []
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the cache index and build the train/val/test datasets."""
-        index_file = self.cache_path / "index.json"
-        if not index_file.exists():
-            raise FileNotFoundError(f"{index_file} does not exist: run prepare_data() first")
-        rows = json.loads(index_file.read_text())
-        files = [self.cache_path / row.pop("cache_file") for row in rows]
-        records = [SubjectRecord(**{**row, "files": tuple(row["files"])}) for row in rows]
+        """Check every file of the cache index (`verify_cache`), then build the train/val/test datasets.
+
+        Every process checks, before the first step; only prepare_data (local rank 0) mends, so what
+        is still damaged here stops the run, the files named. All splits are checked whatever the
+        stage: callers that set up "fit" read the test split too (msrl evaluate).
+        """
+        pairs = self.read_index()
+        problems = [replace(p, severity="error") for p in self.cache.problems(pairs)]
+        if problems:
+            raise DataError(type(self).__name__, problems, hint=(
+                "These cache files were damaged after prepare_data checked them (it mends on local rank 0 "
+                "only): run again."))
+        files, records = [entry.path for _, entry in pairs], [record for record, _ in pairs]
         split = stratified_split([r.label for r in records], self.val_fraction, self.test_fraction, self.seed)
         for name, indices in split.items():
             self.datasets[name] = CachedVolumeDataset([files[i] for i in indices], [records[i] for i in indices])
@@ -243,7 +272,10 @@ class VolumeDataModule(L.LightningDataModule):
         split = f"{self.seed}-{self.val_fraction}-{self.test_fraction}"
         file = self.cache_path / f"histogram-{bins}-{background}-{split}.pt"
         if file.exists():
-            return torch.load(file, weights_only=True)
+            try:
+                return torch.load(file, weights_only=True)
+            except Exception as exc:  # torch raises several types for a damaged file; it is computed again
+                log.warning("%s is unreadable (%s): computing the histogram again", file, type(exc).__name__)
         if not self.datasets:
             self.prepare_data()
             self.setup("fit")

@@ -8,7 +8,6 @@ names the data; a PPO checkpoint leads there through its `init_checkpoint`.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from datamodules.base import SubjectRecord, VolumeDataModule
+from datamodules.base import VolumeDataModule
 from datamodules.splits import stratified_split
 from lightning_modules import DiffusionModule
 from lightning_modules.diffusion.latent import sha256_of
@@ -87,8 +86,7 @@ def data_summary(data: VolumeDataModule, source: str) -> dict[str, Any]:
     """Data set, image size, classes and split sizes per label (from the cache index training used, else a scan)."""
     index = data.cache_path / "index.json"
     if index.is_file():
-        rows = [{k: v for k, v in r.items() if k != "cache_file"} for r in json.loads(index.read_text())]
-        records = [SubjectRecord(**{**row, "files": tuple(row["files"])}) for row in rows]
+        records = [record for record, _ in data.read_index()]
         origin = f"the preprocessed cache {index}"
     else:
         records, origin = data.list_subjects(), "a scan of the data on disk (no preprocessed cache found)"

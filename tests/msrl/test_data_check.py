@@ -1,5 +1,6 @@
 """Tests of `msrl data check` and of BraTS/OASIS pretraining through the CLI on fake trees."""
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -85,3 +86,34 @@ def test_pretrain_runs_on_a_fake_release_through_the_cli(release: str, tmp_path:
     checkpoint = torch.load(tmp_path / "runs/pretrain/version_0/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert checkpoint["hyper_parameters"]["in_channels"] == (4 if release == "brats2019" else 1)
+
+
+def test_check_reports_damaged_cache_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A damaged cache file is a warning while its source is there (the next run rebuilds it), an error after."""
+    folder = make_brats(tmp_path / "data", CASES)
+    args = ["data", "check", "--data", str(REPO / "configs/data/brats2019.yaml"), "--data.init_args.root", str(folder),
+            "--data.init_args.expected_shape", "null", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+            "--data.init_args.spatial_size", "16"]
+    main(args)
+    assert "cache: none yet in" in capsys.readouterr().out
+    data = BraTS2019DataModule(root=str(folder), expected_shape=None, cache_dir=tmp_path / "cache", spatial_size=16)
+    data.prepare_data()
+    entries = {record.subject_id: entry for record, entry in data.read_index()}
+    truncated, garbled = entries["BraTS19_CBICA_AAB_1"].path, entries["BraTS19_2013_0_1"].path
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    garbled.write_bytes(garbled.read_bytes()[:-4] + b"\0\0\0\0")
+    main(args)  # warnings only: no SystemExit
+    report = capsys.readouterr().out
+    assert "cache: 6 files checked (checksum)" in report and "2 missing or damaged" in report
+    assert f"warning: BraTS19_CBICA_AAB_1: {truncated}: cache file has 1000 bytes, the index records" in report
+    assert f"warning: BraTS19_2013_0_1: {garbled}: cache file differs from the SHA-256" in report
+    assert "the next run rebuilds it from its source" in report
+    main([*args, "--read-files", "false"])  # sizes only
+    assert "1 missing or damaged" in capsys.readouterr().out
+    shutil.rmtree(folder / "HGG/BraTS19_CBICA_AAB_1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    report = capsys.readouterr().out
+    assert exit_info.value.code == 1 and "5 subjects found" in report
+    assert f"error: BraTS19_CBICA_AAB_1: {truncated}: cache file has 1000 bytes" in report
+    assert "its source files are gone: restore them, or this file from an intact copy of the cache" in report

@@ -27,11 +27,14 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(next(run.rglob("last.ckpt")), weights_only=True)["state_dict"]
 
 
-def _cold_then_warm(tmp_path: Path, run: Callable[[Path, Path], None]) -> None:
-    """`run(cache, runs)` twice on one cache folder; the cold and the warm run end with identical weights."""
+def _cold_then_warm(tmp_path: Path, run: Callable[[Path, Path], None],
+                    between: Callable[[Path], None] | None = None) -> None:
+    """`run(cache, runs)` twice on one cache folder (`between(cache)` in between); identical final weights."""
     cache = tmp_path / "cache"
     run(cache, tmp_path / "cold")
     assert any(cache.rglob("*.pt")), "the first run built no cache"
+    if between is not None:
+        between(cache)
     run(cache, tmp_path / "warm")
     cold, warm = _weights(tmp_path / "cold"), _weights(tmp_path / "warm")
     assert cold.keys() == warm.keys()
@@ -44,6 +47,19 @@ def test_pretrain_on_the_embedded_cohort(tmp_path: Path) -> None:
         "pretrain", "-c", str(REPO / "configs/pretrain/template.yaml"), *cli_data_args(cache), *TINY_MODEL_ARGS,
         "--seed_everything", "11", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
         "--model.preview_every_n_epochs", "0", *QUIET, "--trainer.logger.init_args.save_dir", str(runs)]))
+
+
+def test_pretrain_on_a_damaged_cache(tmp_path: Path) -> None:
+    """Cache files truncated (a copy cut short) and deleted after the first run: the second mends them first."""
+    def damage(cache: Path) -> None:
+        files = sorted(cache.rglob("template_*.pt"))
+        files[0].write_bytes(files[0].read_bytes()[:1000])
+        files[3].unlink()
+
+    _cold_then_warm(tmp_path, lambda cache, runs: main([
+        "pretrain", "-c", str(REPO / "configs/pretrain/template.yaml"), *cli_data_args(cache), *TINY_MODEL_ARGS,
+        "--seed_everything", "11", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
+        "--model.preview_every_n_epochs", "0", *QUIET, "--trainer.logger.init_args.save_dir", str(runs)]), damage)
 
 
 def test_pretrain_on_a_fake_brats_tree(tmp_path: Path) -> None:
