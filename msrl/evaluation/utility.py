@@ -99,7 +99,7 @@ class UtilityProtocol:
 
     channels: Sequence[int] = (16, 32)  # shallow: a local detector under the global max learns from tens of volumes
     downsample: int = 2
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
