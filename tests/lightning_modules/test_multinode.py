@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import REPO, subprocess_env
@@ -47,7 +46,6 @@ def _assert_equal(first: dict, second: dict, what: str) -> None:
         assert torch.equal(value, second[key]), f"{what}: {key}"
 
 
-@pytest.mark.slow
 def test_two_nodes_match_one_node_with_two_processes(cohort_cache: Path, tmp_path: Path) -> None:
     two_nodes = _run(2, 1, cohort_cache, tmp_path / "two_nodes")
     one_node = _run(1, 2, cohort_cache, tmp_path / "one_node")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -81,7 +80,7 @@ def _run_until_exit(command: list[str], tmp_path: Path, log: str, bound_s: float
     return code, exited - marker.stat().st_mtime, (tmp_path / log).read_text()
 
 
-@pytest.mark.slow  # ~35 s of two DDP processes; make test-full runs it
+# ~35 s of two DDP processes: in make test since issue 34 (reliability tests run in CI)
 def test_a_rank_killed_mid_step_fails_the_job_at_once_and_the_rerun_resumes(cohort_cache: Path,
                                                                             tmp_path: Path) -> None:
     """SIGKILL of rank 1 inside a step: rank 0's all-reduce fails on the closed connection, long before the
@@ -102,7 +101,7 @@ def test_a_rank_killed_mid_step_fails_the_job_at_once_and_the_rerun_resumes(coho
     assert [event.step for event in trained] == [SAVED_STEP, SAVED_STEP + 1]  # only the steps after the saved one
 
 
-@pytest.mark.slow  # ~25 s; make test-full runs it
+# ~25 s: in make test since issue 34
 def test_a_rank_hung_mid_step_fails_the_job_after_the_process_group_timeout(cohort_cache: Path,
                                                                             tmp_path: Path) -> None:
     """Rank 1 stuck inside a step: rank 0 waits in its all-reduce for the process-group timeout (10 s here, set

@@ -95,7 +95,8 @@ def test_train_reward(reward: str, tmp_path: Path, pretrained_checkpoint: Path) 
         *QUIET, "--trainer.logger.init_args.save_dir", str(runs)]))
 
 
-@pytest.mark.slow  # PPO draws from its own (seed, iteration, rank) generators; this checks the guard's cache
+# ~13 s, in make test since issue 34. PPO draws from its own (seed, iteration, rank) generators;
+# this checks the guard's cache
 def test_finetune_with_the_heldout_guard(tmp_path: Path, pretrained_checkpoint: Path) -> None:
     """The guard builds its held-out reference's cache inside the PPO run."""
     def run(cache: Path, runs: Path) -> None:
