@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from datamodules.atomic import atomic_save
 from datamodules.cache_index import CachedVolumeDataset, CacheEntry, CacheIndex, CacheVerifier, VerifyCache
-from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram, preprocess_volume
+from datamodules.preprocessing import FOREGROUND_THRESHOLD, Preprocessed, foreground_histogram, preprocess_volume
 from datamodules.problems import DataError, Problem
 from datamodules.random_state import unchanged_random_state
 from datamodules.resumable import ResumableLoader
@@ -65,11 +65,7 @@ class _PreprocessJobs(Dataset):
     def __getitem__(self, index: int) -> tuple[str, dict[str, torch.Tensor] | None, Problem | None]:
         record = self.records[index]
         try:
-            subject = self.module.load_subject(record)
-            image, mask, lesion = preprocess_volume(subject, self.module.channel_names, self.module.spatial_size,
-                                                    lesion_key=self.module.lesion_key,
-                                                    healthy_upper=self.module.healthy_upper,
-                                                    window=self.module.intensity_window)
+            image, mask, lesion = self.module.preprocess(self.module.load_subject(record))
         except Exception as exc:  # any failure on one subject is reported with its name, never hidden
             return record.subject_id, None, Problem(record.subject_id, record.source, str(exc))
         if not torch.isfinite(image).all():
@@ -142,6 +138,11 @@ class VolumeDataModule(L.LightningDataModule):
     @abstractmethod
     def load_subject(self, record: SubjectRecord) -> tio.Subject:
         """A TorchIO subject with one ScalarImage per channel and a `brain` LabelMap (optional)."""
+
+    def preprocess(self, subject: tio.Subject) -> Preprocessed:
+        """One subject through the shared preprocessing with this data set's size and intensity settings."""
+        return preprocess_volume(subject, self.channel_names, self.spatial_size, lesion_key=self.lesion_key,
+                                 healthy_upper=self.healthy_upper, window=self.intensity_window)
 
     def cache_fields(self) -> dict[str, Any]:
         """The settings that decide the preprocessed content (they name the cache folder)."""

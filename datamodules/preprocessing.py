@@ -15,7 +15,7 @@ steps; channels are separate `ScalarImage`s so each is normalised on its own.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -73,12 +73,6 @@ class Preprocessed(NamedTuple):
     image: torch.Tensor
     mask: torch.Tensor
     lesion: torch.Tensor | None  # uint8 labels of the data set's lesion map (None: it has none)
-
-
-def preprocess_subject(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """`preprocess_volume`'s image and brain mask (same arguments)."""
-    image, mask, _ = preprocess_volume(*args, **kwargs)
-    return image, mask
 
 
 def preprocess_volume(

@@ -173,9 +173,10 @@ def add_lesion(image: np.ndarray, mask: np.ndarray, wm: np.ndarray, depth: np.nd
     """
     parts = lesion_maps(mask.shape, wm, depth, rng, radius_fraction=(0.09, 0.13))
     texture = smooth_field(mask.shape, rng, points=12)  # mottled necrosis, a patchy rim
+    brightest = float(np.percentile(image[mask], HEALTHY_PERCENTILES[1]))  # the healthy scale's top, before the bias
     values = {
         "oedema": rng.uniform(0.85, 1.0) * mu_gm + 0.02 * texture,
-        "rim": rng.uniform(*RIM_OVER_BRIGHTEST) * float(np.percentile(image[mask], 99.5)) * (1.0 + 0.05 * texture),
+        "rim": rng.uniform(*RIM_OVER_BRIGHTEST) * brightest * (1.0 + 0.05 * texture),
         "core": mu_csf * rng.uniform(0.9, 1.3) * (1.0 + 0.4 * texture),
     }
     for name, value in values.items():

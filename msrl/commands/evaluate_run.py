@@ -175,10 +175,9 @@ class EvaluationRun:
         rows = diversity_records(self.reference.volumes, self.config.ms_ssim_pairs, self.config.seed)
         rows += self._reward_records(self.reference)
         if not self.config.skip_utility:
-            # trained once per utility seed (as `UtilityProtocol.runs` would) and kept: they judge class fidelity
-            protocol, num_classes = self.protocol, self.data.num_classes
-            self.classifiers = [protocol.train(self.train, num_classes, seed) for seed in protocol.seeds]
-            runs = [protocol.test(network, self.test, num_classes) for network in self.classifiers]
+            # trained once per utility seed and kept: they also judge class fidelity
+            self.classifiers = self.protocol.classifiers(self.train, self.data.num_classes)
+            runs = [self.protocol.test(network, self.test, self.data.num_classes) for network in self.classifiers]
             rows += self._utility_rows(runs, len(self.train.labels), "real")
             rows += self._fidelity(self.test)  # the ceiling: the classifiers on held-out real volumes
         return rows

@@ -151,22 +151,24 @@ class UtilityProtocol:
             "auroc": float(multiclass_auroc(logits, test.labels, num_classes)),
         }
 
-    def runs(self, train: LabelledVolumes | Sequence[LabelledVolumes], test: LabelledVolumes,
-             num_classes: int) -> list[dict[str, float]]:
-        """The metrics of one classifier per seed, in the order of `seeds`.
+    def classifiers(self, train: LabelledVolumes | Sequence[LabelledVolumes], num_classes: int) -> list[UtilityNet]:
+        """One trained classifier per seed, in the order of `seeds`.
 
         Args:
             train: one training set for every seed, or one per seed (the i-th is trained with
                 seeds[i]): independent synthetic draws, so the spread covers draws and seeds.
-            test: held-out real volumes.
             num_classes: classes of the data set.
         """
         sets = [train] * len(self.seeds) if isinstance(train, LabelledVolumes) else list(train)
         if len(sets) != len(self.seeds):
             raise ValueError(f"got {len(sets)} training sets for {len(self.seeds)} seeds {list(self.seeds)}: "
                              "pass one set, or one per seed")
-        return [self.test(self.train(data, num_classes, seed), test, num_classes)
-                for data, seed in zip(sets, self.seeds, strict=True)]
+        return [self.train(data, num_classes, seed) for data, seed in zip(sets, self.seeds, strict=True)]
+
+    def runs(self, train: LabelledVolumes | Sequence[LabelledVolumes], test: LabelledVolumes,
+             num_classes: int) -> list[dict[str, float]]:
+        """The metrics of one classifier per seed (see `classifiers`) on the held-out real volumes `test`."""
+        return [self.test(network, test, num_classes) for network in self.classifiers(train, num_classes)]
 
     def evaluate(self, train: LabelledVolumes | Sequence[LabelledVolumes], test: LabelledVolumes,
                  num_classes: int) -> dict[str, Estimate]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchio as tio
 
-from datamodules.preprocessing import brain_bounding_box, preprocess_subject
+from datamodules.preprocessing import brain_bounding_box, preprocess_volume
 
 
 def _anisotropic_subject() -> tio.Subject:
@@ -21,7 +21,7 @@ def _anisotropic_subject() -> tio.Subject:
 
 
 def test_output_is_cubic_in_range_with_background_minus_one() -> None:
-    image, mask = preprocess_subject(_anisotropic_subject(), ["t1", "t2"], spatial_size=16)
+    image, mask, _ = preprocess_volume(_anisotropic_subject(), ["t1", "t2"], spatial_size=16)
     assert image.shape == (2, 16, 16, 16) and image.dtype == torch.float32
     assert mask.shape == (1, 16, 16, 16) and mask.dtype == torch.bool
     assert image.min() >= -1 and image.max() <= 1
@@ -36,7 +36,7 @@ def test_output_is_cubic_in_range_with_background_minus_one() -> None:
 
 
 def test_channels_are_normalised_separately() -> None:
-    image, _ = preprocess_subject(_anisotropic_subject(), ["t1", "t2"], spatial_size=16)
+    image, _, _ = preprocess_volume(_anisotropic_subject(), ["t1", "t2"], spatial_size=16)
     # t2 = 2·t1 + 7 inside the brain: after per-channel percentile scaling both are the same.
     torch.testing.assert_close(image[0], image[1], atol=1e-4, rtol=0)
 

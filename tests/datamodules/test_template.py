@@ -80,13 +80,10 @@ def test_bad_settings_name_the_key(tmp_path: Path) -> None:
 
 def _twin(index: int, label: int, size: int = 32):
     """Subject `index` of seed 0 with or without its lesion, preprocessed as the data module does."""
-    from datamodules.preprocessing import preprocess_volume
     from datamodules.template import synthesise_subject
 
-    module = TemplateCohortDataModule(spatial_size=size)
-    return preprocess_volume(synthesise_subject(index, label, seed=0, resolution=2), module.channel_names, size,
-                             lesion_key=module.lesion_key, healthy_upper=module.healthy_upper,
-                             window=module.intensity_window)
+    return TemplateCohortDataModule(spatial_size=size).preprocess(synthesise_subject(index, label, seed=0,
+                                                                                     resolution=2))
 
 
 def _lesion_and_margin(seg: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from datamodules import TemplateCohortDataModule
-from datamodules.preprocessing import preprocess_volume
 from datamodules.template import synthesise_subject
 from lightning_modules.critics.networks import PooledConvNet
 from msrl.evaluation.utility import LabelledVolumes, UtilityNet, UtilityProtocol, summarise
@@ -92,9 +91,7 @@ def rim_above_white_matter(healthy: torch.Tensor, lesion: torch.Tensor) -> float
 def test_lesion_rim_stands_apart_from_white_matter_after_preprocessing() -> None:
     """Intensity scaling must not map the enhancing rim onto the brightest white matter (+1 in both)."""
     module = TemplateCohortDataModule(spatial_size=32)
-    healthy, lesion = (preprocess_volume(synthesise_subject(1, label, seed=0, resolution=2), ["image"], 32,
-                                         lesion_key=module.lesion_key, healthy_upper=module.healthy_upper,
-                                         window=module.intensity_window).image for label in (0, 1))
+    healthy, lesion = (module.preprocess(synthesise_subject(1, label, seed=0, resolution=2)).image for label in (0, 1))
     assert rim_above_white_matter(healthy, lesion) >= 0.3
 
 
