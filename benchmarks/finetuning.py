@@ -43,7 +43,8 @@ class CostPPO(PPOFinetuneModule):
     """A `PPOFinetuneModule` that rolls out any sample count: labels 0, 1, 0, … even where K does not divide it.
 
     The benchmarks time and size 1- and 3-sample iterations (the memory plan's per-sample slope); a pass
-    costs the same whatever the class mix, while a training run refuses such counts (lightning_modules/ppo/labels.py).
+    costs the same whatever the class mix, while a training run refuses such counts
+    (lightning_modules/finetune/labels.py).
     """
 
     def rollout_labels(self) -> torch.Tensor | None:

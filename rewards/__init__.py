@@ -1,11 +1,18 @@
-"""Rewards for PPO fine-tuning: the multi-scale composite, rule-based and learned rewards.
+"""Rewards for fine-tuning (PPO and reward backpropagation): the multi-scale composite, rule-based and learned rewards.
 
-They build on the reward contract that PPO owns (`Reward`, `raw_reward_scores`,
-lightning_modules/ppo/reward.py), re-exported here for reward authors and evaluation, which also
-rebuilds the reward a fine-tuned checkpoint records (`reward_from_checkpoint`, rewards/loading.py).
+They build on the reward contract both fine-tuners share (`Reward`, `raw_reward_scores`,
+`non_differentiable_parts`, lightning_modules/finetune/reward.py), re-exported here for reward authors
+and evaluation, which also rebuilds the reward a fine-tuned checkpoint records (`reward_from_checkpoint`,
+rewards/loading.py).
 """
 
-from lightning_modules.ppo.reward import Reward, raw_reward_scores, reward_networks, score_components
+from lightning_modules.finetune.reward import (
+    Reward,
+    non_differentiable_parts,
+    raw_reward_scores,
+    reward_networks,
+    score_components,
+)
 from rewards.clinical import ClassifierReward
 from rewards.loading import check_network_files, check_reward_networks, reward_from_checkpoint, reward_from_config
 from rewards.multiscale import MultiScaleReward
@@ -20,5 +27,5 @@ from rewards.volume3d import VolumeCriticReward
 
 __all__ = ["BrainMaskPlausibilityReward", "ClassifierReward", "HemisphericSymmetryReward", "IntensityHistogramReward",
            "InterSliceContinuityReward", "MultiScaleReward", "Reward", "SliceCriticReward", "VolumeCriticReward",
-           "check_network_files", "check_reward_networks", "raw_reward_scores", "reward_from_checkpoint",
-           "reward_from_config", "reward_networks", "score_components"]
+           "check_network_files", "check_reward_networks", "non_differentiable_parts", "raw_reward_scores",
+           "reward_from_checkpoint", "reward_from_config", "reward_networks", "score_components"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ppo.reward import Reward
+from lightning_modules.finetune.reward import Reward
 
 CLASSIFIER_HOW_TO = "`msrl train-reward -c configs/rewards/classifier.yaml` (its checkpoints/last.ckpt)"
 

@@ -15,7 +15,7 @@ from jsonargparse import ArgumentParser
 from torch import nn
 
 from lightning_modules.diffusion.latent import sha256_of
-from lightning_modules.ppo.reward import reward_networks
+from lightning_modules.finetune.reward import reward_networks
 
 __all__ = ["check_network_files", "check_reward_networks", "reward_from_checkpoint", "reward_from_config",
            "reward_networks"]

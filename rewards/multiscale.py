@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_modules.ppo.reward import RAW_TOTAL, Reward, score_components
-from lightning_modules.ppo.running import RunningMoments
+from lightning_modules.finetune.reward import RAW_TOTAL, Reward, score_components
+from lightning_modules.finetune.running import RunningMoments
 
 
 class MultiScaleReward(Reward):

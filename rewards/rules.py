@@ -7,7 +7,7 @@ import torch
 
 from datamodules.base import VolumeDataModule
 from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram
-from lightning_modules.ppo.reward import Reward
+from lightning_modules.finetune.reward import Reward
 
 
 class InterSliceContinuityReward(Reward):
@@ -89,13 +89,16 @@ class BrainMaskPlausibilityReward(Reward):
 
     reward = (share of foreground voxels in the largest connected component)
            − (share of foreground voxels within `border` voxels of the volume's edge).
-    Preprocessing crops to the brain and pads, so real volumes score close to 1.
+    Preprocessing crops to the brain and pads, so real volumes score close to 1. Not differentiable:
+    it thresholds and labels connected components (scipy, on the CPU).
 
     Args:
         background: intensity at or below which a voxel is background.
         border: width of the edge shell, in voxels, where a real brain has no mass.
         name: log key.
     """
+
+    differentiable = False
 
     def __init__(self, background: float = -0.8, border: int = 1, name: str = "mask") -> None:
         super().__init__(name)
@@ -126,7 +129,7 @@ class IntensityHistogramReward(Reward):
 
     Minus the 1-Wasserstein distance between the volume's foreground intensity histogram and the
     mean histogram of the real training volumes (`VolumeDataModule.intensity_histogram`, stored
-    with the data module's cache).
+    with the data module's cache). Not differentiable: a histogram's bin counts have no gradient.
 
     Args:
         data: the real data set (its training split gives the reference histogram).
@@ -134,6 +137,8 @@ class IntensityHistogramReward(Reward):
         background: intensity at or below which a voxel is background.
         name: log key.
     """
+
+    differentiable = False
 
     def __init__(self, data: VolumeDataModule, bins: int = 64, background: float = FOREGROUND_THRESHOLD,
                  name: str = "histogram") -> None:

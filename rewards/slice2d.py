@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ppo.reward import Reward
+from lightning_modules.finetune.reward import Reward
 from lightning_modules.slices import SliceSampler, flatten_slices
 
 CRITICS_HOW_TO = "`msrl train-reward -c configs/rewards/critics.yaml` (its checkpoints/last.ckpt)"

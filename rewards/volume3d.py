@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ppo.reward import Reward
+from lightning_modules.finetune.reward import Reward
 from rewards.slice2d import CRITICS_HOW_TO
 
 

@@ -95,7 +95,7 @@ class RewardNetworkModule(L.LightningModule):
         """Load a trained network for a reward, weights only, with errors that say how to get one.
 
         The module remembers its file: `source_path` (as given) and `source_sha256` (of its bytes), which
-        a fine-tuned checkpoint records (`msrl_reward`, `lightning_modules.ppo.reward.reward_networks`).
+        a fine-tuned checkpoint records (`msrl_reward`, `lightning_modules.finetune.reward.reward_networks`).
         """
         from pathlib import Path
 

@@ -121,6 +121,26 @@ class LatentSpace:
                  for chunk in latents.split(self.decode_batch_size)]
         return torch.cat(parts)
 
+    def decode_with_grad(self, latents: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
+        """`decode` that passes gradients back to the latents (reward backpropagation, docs/design.md §8).
+
+        The autoencoder stays frozen; a VQ-GAN's codebook lookup passes the gradient straight through
+        (`decode_latent_with_grad`). With `checkpoint` each chunk's decoder activations are recomputed in
+        the backward pass instead of kept (torch.utils.checkpoint): the decoder's memory is then one
+        chunk's, at the price of a second decoder forward.
+        """
+        from torch.utils.checkpoint import checkpoint as recompute
+
+        self.to(latents.device)
+        decoder = self.autoencoder.decode_latent_with_grad
+
+        def decode(chunk: torch.Tensor) -> torch.Tensor:
+            return self.tiling.decode(decoder, chunk.float() / self.scale_factor)
+
+        parts = [recompute(decode, chunk, use_reentrant=False) if checkpoint else decode(chunk)
+                 for chunk in latents.split(self.decode_batch_size)]
+        return torch.cat(parts)
+
     def spec(self) -> dict[str, str]:
         """What a diffusion checkpoint records about its autoencoder."""
         return {"path": str(self.path), "sha256": self.sha256}

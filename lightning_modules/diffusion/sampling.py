@@ -1,15 +1,22 @@
-"""DDIM sampling that keeps what PPO needs: every x_t, timestep and per-step log-probability.
+"""DDIM sampling that keeps what fine-tuning needs: every x_t, timestep and per-step log-probability,
+or the autograd graph of the last K steps.
 
 MONAI's `DDIMScheduler.step` returns neither the Gaussian's mean nor its log-density, and
 `DiffusionInferer.sample` keeps no trajectory. `ddim_step_with_logprob` re-implements that one
 step (docs/design.md §2; Song et al. 2021, eq. 12 and 16) with the same arithmetic in the same order,
-so that with η = 0 it reproduces MONAI bit for bit, and adds log p(x_{t'} | x_t).
+so that with η = 0 it reproduces MONAI bit for bit, and adds log p(x_{t'} | x_t). PPO reads the
+log-probabilities; reward backpropagation (DRaFT-K, Clark et al. 2024) keeps the graph of the last
+`grad_steps` steps instead (`sample(..., grad_steps=K)`).
+
+The steps' noise comes from one generator, or from one generator per sample (a list): then a sample's
+noise depends on its own seed only, not on the batch it is drawn in (a DDP rank's share of a batch
+samples what one process with the whole batch would).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +25,17 @@ from monai.networks.schedulers import DDIMScheduler
 from tqdm.auto import tqdm
 
 Reduction = Literal["mean", "sum"]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def gaussian_noise(shape: Sequence[int], generator: Generators, device: torch.device | str,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise [B, ...]: from one generator, or sample b's from `generator[b]` (a list of B)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), dtype=dtype, generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), dtype=dtype, generator=g, device=device) for g in generator])
 
 
 def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -84,7 +102,7 @@ def ddim_step_with_logprob(
     sample: torch.Tensor,
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t → x_{t'} and its log-probability under the step's Gaussian.
@@ -96,7 +114,7 @@ def ddim_step_with_logprob(
         sample: x_t, [B, C, D, H, W].
         eta: η, the weight of the step's noise (0: deterministic DDIM, 1: DDPM-like).
         prev_sample: x_{t'} to score instead of drawing one (PPO recomputes old actions).
-        generator: random generator for the noise, drawn exactly as MONAI draws it.
+        generator: random generator for the noise, drawn exactly as MONAI draws it (or one per sample).
         reduction: "sum" (the exact log-density of the whole volume) or "mean" over elements
             (ddpo-pytorch's choice; 1/numel of the sum, which changes what a PPO clip range means).
 
@@ -112,8 +130,7 @@ def ddim_step_with_logprob(
     if prev_sample is None:
         prev_sample = mean
         if eta > 0:
-            noise = torch.randn(model_output.shape, dtype=model_output.dtype, generator=generator,
-                                device=model_output.device)
+            noise = gaussian_noise(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = mean + variance**0.5 * eta * noise
     log_prob = gaussian_log_prob(prev_sample, mean, std_dev_t, reduction)
     return prev_sample, log_prob
@@ -174,7 +191,6 @@ def guided_prediction(model: Callable[..., torch.Tensor], x: torch.Tensor, t: to
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
-@torch.no_grad()
 def sample(
     model: Callable[..., torch.Tensor],
     scheduler: DDIMScheduler,
@@ -184,12 +200,17 @@ def sample(
     eta: float = 0.0,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     return_trajectory: bool = False,
     reduction: Reduction = "mean",
     progress: bool = False,
+    grad_steps: int = 0,
 ) -> tuple[torch.Tensor, Trajectory | None]:
     """Run DDIM from `noise` (x_T) down to x_0 with `ddim_step_with_logprob`.
+
+    Every step runs without gradients except the last `grad_steps`, whose autograd graph is kept
+    (DRaFT-K, Clark et al. 2024): x_0's gradient then reaches the model through those steps only, and
+    x_{T−K} enters them as a constant (AlignProp's truncation, Prabhudesai et al. 2023).
 
     Args:
         model: callable(x, timesteps[B], labels[B] | None) → prediction, e.g. a MONAI UNet.
@@ -200,21 +221,26 @@ def sample(
         eta: η of every step.
         guidance_scale: classifier-free guidance weight w (1 = plain conditional).
         null_class: the label meaning "no class" (needed when w ≠ 1).
-        generator: random generator of the steps' noise.
+        generator: random generator of the steps' noise, or one per sample.
         return_trajectory: also return the `Trajectory`.
         reduction: log-probability reduction, see `ddim_step_with_logprob`.
         progress: show a progress bar.
+        grad_steps: K, the last steps whose graph is kept (0: none, as for sampling and PPO's rollouts).
 
     Returns:
         x_0 [B, C, D, H, W] and the trajectory (or None).
     """
+    if not 0 <= grad_steps <= num_steps:
+        raise ValueError(f"grad_steps must be in [0, num_steps={num_steps}], got {grad_steps}")
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise
     states, log_probs, stochastic = [x], [], []
-    for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
-        prediction = guided_prediction(model, x, t, labels, guidance_scale, null_class)
-        x, log_prob = ddim_step_with_logprob(scheduler, prediction, int(t), x, eta=eta, generator=generator,
-                                             reduction=reduction)
+    first_kept = len(scheduler.timesteps) - grad_steps
+    for index, t in enumerate(tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False)):
+        with torch.set_grad_enabled(grad_steps > 0 and index >= first_kept):
+            prediction = guided_prediction(model, x, t, labels, guidance_scale, null_class)
+            x, log_prob = ddim_step_with_logprob(scheduler, prediction, int(t), x, eta=eta, generator=generator,
+                                                 reduction=reduction)
         if return_trajectory:
             states.append(x)
             log_probs.append(log_prob)

@@ -104,6 +104,11 @@ class FirstStageModule(L.LightningModule, ABC):
     def decode_latent(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, C, S, S, S] in [-1, 1] from unscaled latents."""
 
+    def decode_latent_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode_latent` through which gradients reach the latents (the KL decoder as it is; the VQ-GAN
+        overrides it with a straight-through codebook lookup)."""
+        return self.decode_latent(latents)
+
     @abstractmethod
     def autoencode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: (reconstruction, latent regulariser loss, unscaled latents)."""

@@ -109,6 +109,15 @@ class AutoencoderModule(FirstStageModule):
         """Images [B, C, S, S, S] in [-1, 1] from unscaled latents: quantise (no codebook update), decode."""
         return self.network.decode(self.network.quantizer.embed(self.code_indices(latents))).clamp(-1, 1)
 
+    def decode_latent_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode_latent` with a straight-through lookup: z + (q(z) − z).detach() (van den Oord et al. 2017).
+
+        The forward pass decodes exactly the nearest codes, as `decode_latent`; the backward pass treats
+        the lookup as the identity, so a reward's gradient reaches the diffusion model's latents.
+        """
+        quantised = self.network.quantizer.embed(self.code_indices(latents)).to(latents.dtype)
+        return self.network.decode(latents + (quantised - latents).detach()).clamp(-1, 1)
+
     def code_indices(self, latents: torch.Tensor) -> torch.Tensor:
         """Index [B, s, s, s] of the nearest code of each latent vector (the codebook is not updated)."""
         return self.network.quantizer.quantizer.quantize(latents)[2]

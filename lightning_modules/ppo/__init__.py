@@ -1,9 +1,6 @@
-"""PPO fine-tuning: `PPOFinetuneModule`, the reward contract it owns (and raw scores), advantages, statistics."""
+"""PPO fine-tuning: `PPOFinetuneModule`, its advantages and clipped update (the reward contract is in finetune/)."""
 
 from lightning_modules.ppo.advantages import ClassAdvantageNormaliser, clipped_surrogate
 from lightning_modules.ppo.module import PPOFinetuneModule
-from lightning_modules.ppo.reward import Reward, raw_reward_scores, reward_networks, score_components
-from lightning_modules.ppo.running import RunningMoments
 
-__all__ = ["ClassAdvantageNormaliser", "PPOFinetuneModule", "Reward", "RunningMoments", "clipped_surrogate",
-           "raw_reward_scores", "reward_networks", "score_components"]
+__all__ = ["ClassAdvantageNormaliser", "PPOFinetuneModule", "clipped_surrogate"]

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_modules.ppo.running import RunningMoments
+from lightning_modules.finetune.running import RunningMoments
 
 
 class ClassAdvantageNormaliser(nn.Module):

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from lightning_modules.diffusion.lora import adapters_disabled
-from lightning_modules.diffusion.sampling import Trajectory, ddim_step_mean, gaussian_log_prob, guided_prediction
+from lightning_modules.diffusion.sampling import Trajectory, ddim_step_mean, gaussian_log_prob
 from lightning_modules.ppo.advantages import clipped_surrogate
 
 TIMESTEP_WEIGHTINGS = ("none", "equal")
@@ -45,7 +43,8 @@ def equal_gradient_weights(scheduler: DDIMScheduler, timesteps: Sequence[int], e
 
 
 class PPOUpdate:
-    """`update` and its per-step loss; mixed into `PPOFinetuneModule` (which owns policy, optimiser, hparams)."""
+    """`update` and its per-step loss; mixed into `PPOFinetuneModule` (whose `FinetuneBase` owns policy,
+    optimiser, hparams, `predict`, `frozen_base` and `clip_and_step`)."""
 
     policy: Any
     reference: nn.Module | None
@@ -62,7 +61,6 @@ class PPOUpdate:
         generator = torch.Generator().manual_seed(hash((hp.seed, int(self.iteration), self.global_rank, 1)) % 2**62)
         totals: dict[str, list[torch.Tensor]] = {}
         first: dict[str, list[torch.Tensor]] = {"max_abs_dev": [], "clipfrac": []}
-        trainable = [p for p in self.policy.unet.parameters() if p.requires_grad]
         lr = self.current_lr()
         for group in optimizer.optimizer.param_groups:
             group["lr"] = lr
@@ -83,16 +81,9 @@ class PPOUpdate:
                         first["clipfrac"].append(stats["clipfrac"])
                     for key, value in {**stats, "loss": loss.detach()}.items():
                         totals.setdefault(key, []).append(value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
-                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank decides alike
-                    optimizer.zero_grad(set_to_none=True)
-                    self._skip_step()
-                    continue
-                self._skips_in_a_row = 0
-                totals.setdefault("grad_norm", []).append(grad_norm.detach())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.policy.ema.update_parameters(self.policy.unet)
+                grad_norm = self.clip_and_step(optimizer)
+                if grad_norm is not None:
+                    totals.setdefault("grad_norm", []).append(grad_norm)
         stats = {key: torch.stack(values).float().mean() for key, values in totals.items()}
         stats["first_ratio/max_abs_dev"] = torch.stack(first["max_abs_dev"]).max()
         stats["first_ratio/clipfrac"] = torch.stack(first["clipfrac"]).float().mean()
@@ -107,21 +98,6 @@ class PPOUpdate:
         timesteps = [int(trajectory.timesteps[step]) for step in chosen]
         return equal_gradient_weights(self.scheduler, timesteps, self.hparams.eta).tolist()
 
-    def current_lr(self) -> float:
-        """This iteration's learning rate: `lr`, ramped linearly over the first `lr_warmup_iterations`."""
-        warmup = self.hparams.lr_warmup_iterations
-        return self.hparams.lr * min(1.0, (int(self.iteration) + 1) / warmup) if warmup > 0 else self.hparams.lr
-
-    def _skip_step(self) -> None:
-        """Count a skipped optimiser step; stop after `max_nonfinite_steps` in a row."""
-        self.skipped_steps += 1
-        self._skips_in_a_row += 1
-        if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"PPO gradients were non-finite in {self._skips_in_a_row} optimiser steps in a row (iteration "
-                f"{int(self.iteration)}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
-                "(use bf16-mixed or 32-true), or a clip range / log-prob reduction that do not fit together")
-
     def _step_loss(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
                    index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped-PPO loss (+ KL to the pretrained model) of one denoising step of a micro-batch."""
@@ -130,13 +106,13 @@ class PPOUpdate:
         t = int(trajectory.timesteps[step])
         timesteps = torch.full((len(index),), t, device=self.device)
         batch_labels = None if labels is None else labels[index]
-        prediction = self._predict(self.policy.unet, x_t, timesteps, batch_labels)
+        prediction = self.predict(self.policy.unet, x_t, timesteps, batch_labels)
         mean, std, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
         log_prob = gaussian_log_prob(x_prev, mean, std, hp.logprob_reduction)
         loss, stats = clipped_surrogate(log_prob, trajectory.log_probs[index, step], advantages[index], hp.clip_range)
         if hp.kl_coef > 0:
-            with torch.no_grad(), self._reference() as reference:
-                prediction = self._predict(reference, x_t, timesteps, batch_labels)
+            with torch.no_grad(), self.frozen_base() as reference:
+                prediction = self.predict(reference, x_t, timesteps, batch_labels)
                 ref_mean, _, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
             # KL between two Gaussians of equal σ: ||μ − μ_ref||² / 2σ², reduced like the log-prob.
             kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1)
@@ -144,17 +120,3 @@ class PPOUpdate:
             loss = loss + hp.kl_coef * kl.mean()
             stats["kl_to_pretrained"] = kl.detach().mean()
         return loss, stats
-
-    def _reference(self) -> AbstractContextManager[nn.Module]:
-        """The frozen pretrained UNet: a copy (full fine-tuning) or the policy with its adapters off (LoRA)."""
-        return adapters_disabled(self.policy.unet) if self.hparams.lora_rank > 0 else nullcontext(self.reference)
-
-    def _predict(self, unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
-                 ) -> torch.Tensor:
-        """A UNet's prediction, guided as in the rollout."""
-        conditional = self.policy.null_class is not None
-
-        def model(x_: torch.Tensor, t_: torch.Tensor, y_: torch.Tensor | None) -> torch.Tensor:
-            return unet(x_, t_, class_labels=y_ if conditional else None)
-
-        return guided_prediction(model, x, timesteps, labels, self.hparams.guidance_scale, self.policy.null_class)

@@ -71,7 +71,7 @@ class EvaluationRun:
         if not self.config.skip_reward:
             self.reward, self.reward_origin = self._load_reward()
         if self.reward is not None:  # a reward given as YAML: its own network files count as well
-            from lightning_modules.ppo.reward import reward_networks
+            from lightning_modules.finetune.reward import reward_networks
 
             networks += [{**n, "checkpoint": "--reward"} for n in reward_networks(self.reward)]
         refuse_shared_weights(self.extractors, networks, self.reward)
@@ -198,7 +198,7 @@ class EvaluationRun:
     def _reward_records(self, volumes: LabelledVolumes) -> list[dict[str, Any]]:
         if self.reward is None:
             return []
-        from lightning_modules.ppo.reward import raw_reward_scores
+        from lightning_modules.finetune.reward import raw_reward_scores
 
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(volumes.labels), self.config.batch_size):

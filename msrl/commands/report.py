@@ -1,8 +1,9 @@
 """`msrl report RUN_DIR… --out DIR`: the figures a person would rather look at than read, in one page.
 
-A RUN_DIR is either a training run (TensorBoard events: pretraining losses, PPO reward curves per
-component, held-out FID) or an `msrl evaluate` output (metrics.json with the volumes it was
-computed on). The report draws what it finds and writes report.md and report.html embedding it.
+A RUN_DIR is either a training run (TensorBoard events: pretraining losses, fine-tuning reward
+curves per component and held-out FID, under either fine-tuner's prefix) or an `msrl evaluate`
+output (metrics.json with the volumes it was computed on). The report draws what it finds and
+writes report.md and report.html embedding it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from datamodules.atomic import atomic_folder
+from lightning_modules import finetune_tags
 from msrl.commands.parsing import command_parser
 from msrl.evaluation.figures import (
     curves_figure,
@@ -29,9 +31,13 @@ from msrl.evaluation.tables import metrics_markdown, paired_markdown, paired_row
 from msrl.samples import read_samples
 
 CURVES = {
-    "reward_curves": (("ppo/reward_raw/", "ppo/heldout_fid"), "PPO: raw reward per component and held-out FID"),
-    "reward_normalised": (("ppo/reward/",), "PPO: normalised reward per component (what the advantages see)"),
+    "reward_curves": ((*finetune_tags("reward_raw/"), *finetune_tags("heldout_fid")),
+                      "fine-tuning: raw reward per component and held-out FID"),
+    "reward_normalised": (finetune_tags("reward/"), "fine-tuning: normalised reward per component (what PPO's "
+                                                    "advantages and the backpropagated gradient see)"),
     "ppo_diagnostics": (("ppo/approx_kl", "ppo/clipfrac", "ppo/loss", "ppo/kl"), "PPO diagnostics"),
+    "backprop_diagnostics": (("backprop/loss", "backprop/base_penalty", "backprop/grad_norm",
+                              "backprop/backprop_steps"), "reward backpropagation diagnostics"),
     "training_curves": (("train/loss", "val/loss", "val/auroc", "val/l1", "ae/"), "training and validation curves"),
 }
 

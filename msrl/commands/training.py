@@ -74,15 +74,25 @@ class MsrlCLI(LightningCLI):
         })
 
 
+DEFAULT_FINETUNER = "lightning_modules.PPOFinetuneModule"  # what `msrl finetune` builds when no class_path is given
+
+
 class FinetuneCLI(LightningCLI):
-    """LightningCLI for PPO: the module brings its own iteration loader; checkpoints every epoch."""
+    """LightningCLI for the fine-tuners: the module brings its own iteration loader; checkpoints every epoch.
+
+    Built with `FinetuneBase` in subclass mode (as `run_finetune` does), `model.class_path` picks the algorithm
+    (`lightning_modules.PPOFinetuneModule`, `lightning_modules.RewardBackpropModule`); a config without one
+    builds PPO, as every config did before the choice existed.
+    """
 
     def before_instantiate_classes(self) -> None:
         """Honour `--trainer.default_root_dir` (see `honour_default_root_dir`)."""
         honour_default_root_dir(self.config[self.subcommand] if self.subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Keep last.ckpt plus the latest epoch's checkpoint (PPO has no validation metric to rank by)."""
+        """Keep last.ckpt plus the latest epoch's checkpoint (fine-tuning has no validation metric to rank by)."""
+        if self.subclass_mode_model:
+            parser.set_defaults({"model": {"class_path": DEFAULT_FINETUNER}})
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(StepBoundaryRequeue, "preemption")  # SLURM's SIGUSR1 at a step boundary
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1,
@@ -96,14 +106,16 @@ class FinetuneCLI(LightningCLI):
 
 
 def run_finetune(argv: list[str]) -> None:
-    """`msrl finetune`: LightningCLI `fit` of a `PPOFinetuneModule` (no data module: it samples)."""
-    from lightning_modules.ppo.module import PPOFinetuneModule
+    """`msrl finetune`: LightningCLI `fit` of a fine-tuner chosen by `model.class_path` (PPO when none is given;
+    no data module: it samples)."""
+    from lightning_modules.finetune.base import FinetuneBase
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     # The reward and the frozen reference model are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    FinetuneCLI(PPOFinetuneModule, datamodule_class=None, args=["fit", *argv], save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False, parser_kwargs={"prog": "msrl finetune"})
+    FinetuneCLI(FinetuneBase, datamodule_class=None, subclass_mode_model=True, args=["fit", *argv],
+                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                parser_kwargs={"prog": "msrl finetune"})
 
 
 class RewardTrainingCLI(MsrlCLI):

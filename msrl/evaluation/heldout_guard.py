@@ -1,13 +1,14 @@
-"""Reward-hacking guard for PPO: FID on held-out real volumes with an extractor the reward does not use.
+"""Reward-hacking guard for fine-tuning: FID on held-out real volumes with an extractor the reward does not use.
 
 A policy can raise a learned reward by exploiting its networks instead of by looking more like
-real MRI. Before the first PPO update (iteration 0: the pretrained policy), after the first
+real MRI. Before the first update (iteration 0: the pretrained policy), after the first
 iteration and every k, this callback samples a fixed set of volumes (fixed seed, EMA weights) with
-the sampler PPO trains (the rollouts' DDIM steps, η and guidance; `sampler: deterministic` for
-η = 0), computes their FID against held-out real volumes with an independent extractor, and logs it
-as `ppo/heldout_fid`. With `early_stop_on_heldout`, PPO stops when the FID has worsened `patience`
-evaluations in a row while the raw reward (`ppo/reward_raw/total`, not the normalised
-`ppo/reward/mean`, which falls as its running mean catches up) rose over the same evaluations.
+the sampler being trained (its DDIM steps, η and guidance; `sampler: deterministic` for η = 0),
+computes their FID against held-out real volumes with an independent extractor, and logs it as
+`<prefix>/heldout_fid`, under the fine-tuner's metric prefix (`ppo/`, `backprop/`; any `FinetuneBase`).
+With `early_stop_on_heldout`, fine-tuning stops when the FID has worsened `patience` evaluations in a
+row while the raw reward (`<prefix>/reward_raw/total`, not the normalised `<prefix>/reward/mean`,
+which falls as its running mean catches up) rose over the same evaluations.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class HeldoutFIDGuard(L.Callback):
-    """Log `ppo/heldout_fid` every `every_n_iterations` PPO iterations; optionally stop on reward hacking.
+    """Log `<prefix>/heldout_fid` every `every_n_iterations` iterations; optionally stop on reward hacking.
 
     Args:
         data: the data module whose held-out split is the real reference (e.g. `../data/template.yaml`).
@@ -35,8 +36,8 @@ class HeldoutFIDGuard(L.Callback):
             ResNet-10 with seeded random weights, comparable only to itself).
         every_n_iterations: k, iterations between evaluations (also at iteration 0, before any update, and 1).
         num_samples: volumes generated per evaluation (labels alternate over the classes).
-        sampler: "rollout": the rollouts' η and guidance scale, the sampler PPO trained; "deterministic":
-            DDIM η = 0 with the rollouts' guidance scale (what `msrl sample --eta 0` draws).
+        sampler: "rollout": the trained sampler's η and guidance scale (PPO's rollouts); "deterministic":
+            DDIM η = 0 with its guidance scale (what `msrl sample --eta 0` draws).
         num_steps: DDIM steps of those samples (None: the rollouts' `num_steps`).
         split: held-out split used as the reference ("val" or "test").
         early_stop_on_heldout: stop when FID worsens `patience` evaluations in a row while the raw reward rises.
@@ -44,7 +45,7 @@ class HeldoutFIDGuard(L.Callback):
         seed: seed of the fixed noise (initial and, under η > 0, per-step): only the policy changes the samples.
     """
 
-    REWARD_KEY = "ppo/reward_raw/total"  # raw: the normalised ppo/reward/mean can fall while the reward rises
+    REWARD_KEY = "reward_raw/total"  # under the module's prefix; raw: the normalised reward/mean can fall as it rises
 
     def __init__(self, data: VolumeDataModule, extractor: FeatureExtractor | None = None, every_n_iterations: int = 5,
                  num_samples: int = 8, sampler: Literal["rollout", "deterministic"] = "rollout",
@@ -87,12 +88,12 @@ class HeldoutFIDGuard(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Iteration 0: the held-out FID of the pretrained policy, before any PPO update (not on a resume)."""
         if not self.history and int(pl_module.iteration) == 0:
-            self._record(trainer, 0, self._evaluate(pl_module), float("nan"))
+            self._record(trainer, pl_module, 0, self._evaluate(pl_module), float("nan"))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Collect the iteration's mean raw reward; every k iterations evaluate, log and maybe stop."""
-        reward = trainer.callback_metrics.get(self.REWARD_KEY)
+        reward = trainer.callback_metrics.get(f"{pl_module.metric_prefix}/{self.REWARD_KEY}")
         if reward is not None:
             self._rewards.append(float(reward))
         iteration = int(pl_module.iteration)
@@ -101,21 +102,23 @@ class HeldoutFIDGuard(L.Callback):
         score = self._evaluate(pl_module)
         mean_reward = sum(self._rewards) / len(self._rewards) if self._rewards else float("nan")
         self._rewards.clear()
-        self._record(trainer, iteration, score, mean_reward)
+        self._record(trainer, pl_module, iteration, score, mean_reward)
         if self.stop and self.hacking():
-            log.warning("stopping PPO at iteration %d: held-out FID rose %d evaluations in a row (%s) while the "
-                        "reward rose (%s): the policy is likely exploiting the reward", iteration, self.patience,
+            log.warning("stopping fine-tuning at iteration %d: held-out FID rose %d evaluations in a row (%s) while "
+                        "the reward rose (%s): the policy is likely exploiting the reward", iteration, self.patience,
                         [round(h[1], 3) for h in self.history[-self.patience - 1:]],
                         [round(h[2], 3) for h in self.history[-self.patience - 1:]])
             trainer.should_stop = True
 
-    def _record(self, trainer: L.Trainer, iteration: int, score: float, mean_reward: float) -> None:
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, iteration: int, score: float,
+                mean_reward: float) -> None:
         self.history.append((iteration, score, mean_reward))
-        # straight to the loggers: one point per evaluation, not one per step. Step = the PPO iteration it was
-        # measured after (0: before any update), also logged as ppo/heldout_fid_iteration: the optimiser's
+        # straight to the loggers: one point per evaluation, not one per step. Step = the iteration it was
+        # measured after (0: before any update), also logged as <prefix>/heldout_fid_iteration: PPO's optimiser's
         # global_step counts micro-batch steps (2 per iteration in the demo), which put iteration 20 at 40
+        prefix = pl_module.metric_prefix
         for logger in trainer.loggers:
-            logger.log_metrics({"ppo/heldout_fid": score, "ppo/heldout_fid_iteration": float(iteration)},
+            logger.log_metrics({f"{prefix}/heldout_fid": score, f"{prefix}/heldout_fid_iteration": float(iteration)},
                                step=iteration)
 
     def hacking(self) -> bool:

@@ -1,7 +1,8 @@
 """The model card of an exported bundle: `docs/README.md` for people, `configs/metadata.json` for MONAI.
 
 It states what a medical generator's card must: the data and splits, image size and spacing, classes,
-the first stage and latent shape, pretraining and PPO settings (the reward's components and weights),
+the first stage and latent shape, pretraining and fine-tuning settings (the algorithm, the reward's components
+and weights),
 the sampler, the evaluation's numbers with their intervals (from `msrl evaluate`'s metrics.json),
 msrl's version and commit, the SHA-256 of every weight file, and its intended use and limitations.
 """
@@ -31,7 +32,8 @@ LIMITATIONS = [
     "populations, sequences or pathologies.",
     "A class label asks for the class's appearance as the model learned it; it guarantees no lesion location, size "
     "or grade, and a classifier trained on these volumes must be validated on real data.",
-    "PPO fine-tuning maximises a learned reward and can exploit it (reward hacking): judge the model by the "
+    "Fine-tuning (PPO or reward backpropagation) maximises a learned reward and can exploit it (reward hacking): "
+    "judge the model by the "
     "evaluation's paired differences below, never by the reward alone.",
     "Generated volumes may resemble training subjects; check memorisation before sharing volumes outside the "
     "data set's licence.",
@@ -70,7 +72,7 @@ def _bullets(values: dict[str, Any]) -> list[str]:
 def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str], metrics: dict[str, Any] | None
            ) -> str:
     """`docs/README.md`: the model card in Markdown."""
-    model, data, first, ppo = info["model"], info["data"], info["first_stage"], info["ppo"]
+    model, data, first, tuned = info["model"], info["data"], info["first_stage"], info["finetuning"]
     size = model["spatial_size"]
     classes = "unconditional" if model["num_classes"] == 0 else f"{model['num_classes']} classes (labels 0…" \
         f"{model['num_classes'] - 1}; label {model['num_classes']} is the null class of classifier-free guidance)"
@@ -110,17 +112,18 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
             text.append(f"- msrl decoded tile by tile ({first['decode_tile_size']}³ latent tiles); the bundle "
                         "decodes each latent whole, which the tiling equals only within its blending")
     text += ["", "## Pretraining", ""] + _bullets(info["pretraining"])
-    text += ["", "## PPO fine-tuning", ""]
-    if ppo is None:
+    text += ["", "## Fine-tuning", ""]
+    if tuned is None:
         text.append("None: this is the pretrained model.")
     else:
-        text += _bullets(ppo["settings"]) + [f"- rollout sampler: `{json.dumps(ppo['rollout_sampler'])}`"]
-        if ppo.get("lora"):
-            lora = ppo["lora"]
+        text += [f"- algorithm: {tuned['algorithm']} (`{tuned['class_path']}`)"] + _bullets(tuned["settings"])
+        text += [f"- sampler trained: `{json.dumps(tuned['rollout_sampler'])}`"]
+        if tuned.get("lora"):
+            lora = tuned["lora"]
             text.append(f"- LoRA: rank {lora.get('rank')}, α {lora.get('alpha')}, on {lora.get('targets')}, over "
                         f"`{lora.get('base_checkpoint')}` (sha256 `{lora.get('base_sha256')}`); merged into the "
                         "exported weights")
-        reward = ppo["reward"] or {}
+        reward = tuned["reward"] or {}
         weights_of = reward.get("weights") or [None] * len(reward.get("components", []))
         text.append(f"- reward: `{reward.get('class_path')}`" + (", components (weight):" if reward.get("components")
                                                                     else ""))

@@ -1,9 +1,10 @@
 """What an exported generator was trained on and how: read from its checkpoint, its run's config and the repository.
 
 Everything here is plain data (JSON-ready) for the model card: the data set and its split sizes,
-pretraining and PPO settings with the reward's components and weights, the first stage, and msrl's
-version and commit. A pretraining run's `config.yaml` (LightningCLI writes it beside `checkpoints/`)
-names the data; a PPO checkpoint leads there through its `init_checkpoint`.
+pretraining and fine-tuning settings (the algorithm and the module's settings, as `FinetuneBase` records
+them in `msrl_finetune`) with the reward's components and weights, the first stage, and msrl's version
+and commit. A pretraining run's `config.yaml` (LightningCLI writes it beside `checkpoints/`) names the
+data; a fine-tuned checkpoint leads there through its `init_checkpoint`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,7 @@ from lightning_modules.diffusion.latent import sha256_of
 
 PRETRAIN_KEYS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "cfg_dropout", "channels",
                  "attention_levels", "num_res_blocks", "seed")
-PPO_KEYS = ("lora_rank", "lora_alpha", "samples_per_iteration", "num_steps", "eta", "guidance_scale",
-            "num_inner_epochs", "timestep_fraction",
-            "logprob_reduction", "clip_range", "adv_clip_max", "advantage_mode", "kl_coef", "lr", "max_grad_norm",
-            "ema_decay", "trainable_blocks", "init_from_ema", "seed")
+LEGACY_FINETUNE = {"algorithm": "PPO", "class_path": "lightning_modules.PPOFinetuneModule"}  # before msrl_finetune
 
 
 def plain(value: Any) -> Any:
@@ -107,7 +105,7 @@ def training_data(checkpoint_path: Path, checkpoint: dict[str, Any], data_config
         return data_summary(data_module(loaded, data_config), data_config)
     path = checkpoint_path
     init = (checkpoint.get("hyper_parameters") or {}).get("init_checkpoint")
-    if "msrl_rollout" in checkpoint and init:  # PPO: the data is the pretraining run's
+    if "msrl_rollout" in checkpoint and init:  # fine-tuned: the data is the pretraining run's
         path = Path(init)
     config = run_config(path)
     if not config or not isinstance(config.get("data"), dict):
@@ -123,7 +121,7 @@ def training_data(checkpoint_path: Path, checkpoint: dict[str, Any], data_config
 
 
 def reward_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Components and weights of the reward a PPO checkpoint recorded (`msrl_reward`), with its network files."""
+    """Components and weights of the reward a fine-tuned checkpoint recorded (`msrl_reward`), with its network files."""
     if not record:
         return None
     config = record.get("config")
@@ -148,9 +146,10 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
     """Everything the model card states about a generator checkpoint, as plain data."""
     hparams = plain(dict(model.hparams))
     finetuned = "msrl_rollout" in checkpoint
+    record = checkpoint.get("msrl_finetune") or LEGACY_FINETUNE
     info: dict[str, Any] = {
         "checkpoint": {"path": str(checkpoint_path), "sha256": sha256_of(checkpoint_path),
-                       "kind": "PPO fine-tuned" if finetuned else "pretrained",
+                       "kind": f"{record['algorithm']} fine-tuned" if finetuned else "pretrained",
                        "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
         "msrl": {"version": msrl_version(), "commit": repository_commit()},
         "model": {"in_channels": hparams["in_channels"], "spatial_size": hparams["spatial_size"],
@@ -158,7 +157,7 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
                   "prediction_type": str(model.noise_scheduler.prediction_type),
                   "num_train_timesteps": int(model.noise_scheduler.num_train_timesteps)},
         "pretraining": {key: hparams.get(key) for key in PRETRAIN_KEYS},
-        "first_stage": None, "ppo": None, "data": training_data(checkpoint_path, checkpoint, data_config),
+        "first_stage": None, "finetuning": None, "data": training_data(checkpoint_path, checkpoint, data_config),
     }
     if model.latent is not None:
         autoencoder = model.latent.autoencoder
@@ -170,9 +169,9 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
                                "settings": plain({k: v for k, v in autoencoder.hparams.items()
                                                   if k not in ("training", "num_classes")})}
     if finetuned:
-        ppo = checkpoint.get("hyper_parameters") or {}
-        init = ppo.get("init_checkpoint")
-        info["ppo"] = {"init_checkpoint": init, "settings": plain({k: ppo.get(k) for k in PPO_KEYS}),
+        init = (checkpoint.get("hyper_parameters") or {}).get("init_checkpoint")
+        info["finetuning"] = {"algorithm": record["algorithm"], "class_path": record["class_path"],
+                       "init_checkpoint": init, "settings": finetune_settings(checkpoint),
                        "lora": plain(checkpoint.get("msrl_lora")),
                        "rollout_sampler": plain(checkpoint["msrl_rollout"]),
                        "reward": reward_summary(checkpoint.get("msrl_reward"))}
@@ -180,3 +179,12 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
         if init and Path(init).is_file():
             info["pretraining"]["checkpoint_sha256"] = sha256_of(init)
     return info
+
+
+def finetune_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuning module's settings: as `msrl_finetune` records them, else (older PPO checkpoints) its
+    hyper-parameters; the pretrained checkpoint is stated apart."""
+    record = checkpoint.get("msrl_finetune")
+    settings = record["settings"] if record else checkpoint.get("hyper_parameters") or {}
+    return plain({key: value for key, value in settings.items()
+                  if not str(key).startswith("_") and key != "init_checkpoint"})

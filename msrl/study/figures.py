@@ -14,12 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lightning_modules import finetune_tags  # noqa: E402
 from msrl.evaluation.figures import read_scalars  # noqa: E402
 from msrl.study.tables import paper_rows  # noqa: E402
 from msrl.study.units import find_row  # noqa: E402
 
 COLOURS = {"better": "C2", "worse": "C3", "no difference": "0.4", "lower": "C0", "higher": "C1"}
-REWARD, HELDOUT_FID, ITERATION = "ppo/reward_raw/total", "ppo/heldout_fid", "ppo/iteration"
+# each a tag per fine-tuner (ppo/…, backprop/…): a unit's run logs under its algorithm's prefix
+REWARD, HELDOUT_FID, ITERATION = "reward_raw/total", "heldout_fid", "iteration"
 
 
 def forest_figure(results: dict[str, Any], path: Path) -> Path | None:
@@ -62,8 +64,13 @@ def forest_figure(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def iteration_axis(scalars: dict[str, list[tuple[int, float]]], tag: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(PPO iteration, value) of a tag: from its own `<tag>_iteration` scalar where logged (the held-out FID),
-    else steps become iterations through the logged ppo/iteration (else steps)."""
+    """(iteration, value) of a tag: from its own `<tag>_iteration` scalar where logged (the held-out FID),
+    else steps become iterations through the logged `<prefix>/iteration` (else steps).
+
+    `tag` is a full tag (`ppo/heldout_fid`) or one without its prefix (`heldout_fid`), then read under
+    whichever fine-tuner's prefix the run logged it (`finetune_tags`).
+    """
+    tag = next((t for t in (tag, *finetune_tags(tag)) if scalars.get(t)), tag)
     points = scalars.get(tag)
     if not points:
         return None
@@ -71,7 +78,7 @@ def iteration_axis(scalars: dict[str, list[tuple[int, float]]], tag: str) -> tup
     own = dict(scalars.get(f"{tag}_iteration", []))  # the held-out FID logs its iteration beside it
     if own and all(step in own for step in steps.tolist()):
         return np.array([own[step] for step in steps.tolist()]), values
-    logged = scalars.get(ITERATION)
+    logged = scalars.get(f"{tag.split('/', 1)[0]}/{ITERATION}")
     if not logged:
         return steps, values
     at, iteration = (np.asarray(v, dtype=np.float64) for v in zip(*logged, strict=True))
@@ -96,7 +103,7 @@ def band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
 
 
 def unit_curves(out_dir: Path, results: dict[str, Any], tag: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """{arm: [(iterations, values) per finished seed]} of one tag from the units' PPO events."""
+    """{arm: [(iterations, values) per finished seed]} of one tag from the units' fine-tuning events."""
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for unit in results["units"]["finished"]:
         folder = out_dir / unit["folder"] / "finetune"
@@ -120,7 +127,7 @@ def curves_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], title:
         colour = f"C{index}"
         ax.plot(x, mean, color=colour, marker="." if len(x) < 30 else None, label=f"{arm} ({len(curves[arm])} seeds)")
         ax.fill_between(x, low, high, color=colour, alpha=0.2, lw=0)
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel("fine-tuning iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}: mean over seeds, band min–max", fontsize=9)

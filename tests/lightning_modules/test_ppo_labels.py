@@ -1,11 +1,11 @@
-"""Tests of balanced rollout labels (lightning_modules/ppo/labels.py) and how `PPOFinetuneModule` uses them."""
+"""Tests of balanced rollout labels (lightning_modules/finetune/labels.py) and how `PPOFinetuneModule` uses them."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_modules.ppo.labels import balanced_labels, check_legacy_class_probs, labels_per_class
+from lightning_modules.finetune.labels import balanced_labels, check_legacy_class_probs, labels_per_class
 from lightning_modules.ppo.module import PPOFinetuneModule
 from tests.lightning_modules.test_ppo import BrightnessReward
 

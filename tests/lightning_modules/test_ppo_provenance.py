@@ -169,7 +169,7 @@ def test_guard_judges_the_raw_reward() -> None:
     fids = iter([1.0, 1.1, 1.2, 1.3, 1.4])
     guard._evaluate = lambda module: next(fids)
     trainer = SimpleNamespace(loggers=[], global_step=0, should_stop=False, callback_metrics={})
-    module = SimpleNamespace(iteration=torch.tensor(0))
+    module = SimpleNamespace(iteration=torch.tensor(0), metric_prefix="ppo")  # the guard reads its prefix
     guard.on_train_start(trainer, module)
     for iteration, (raw, normalised) in enumerate(zip([0.75, 1.5, 2.25, 3.0], [1.63, 1.41, 1.21, 0.99],
                                                       strict=True), start=1):

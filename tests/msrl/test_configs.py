@@ -8,25 +8,27 @@ import pytest
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules import VolumeDataModule
+from lightning_modules.backprop.module import RewardBackpropModule
 from lightning_modules.critics.networks import RewardNetworkModule
 from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.finetune.base import FinetuneBase
 from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 from lightning_modules.ppo.module import PPOFinetuneModule
 from msrl.commands.training import AutoencoderCLI, ExtractorTrainingCLI, FinetuneCLI, MsrlCLI, RewardTrainingCLI
 from tests.conftest import REPO
 
-# configs/rewards/multiscale.yaml needs trained critics: tests/rewards/test_rewards.py builds it with some.
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "multiscale.yaml")
+# configs/rewards/multiscale*.yaml need trained critics: tests/rewards/test_rewards.py builds them with some.
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.startswith("multiscale"))
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
           "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
 
 
 def _config_args(config: Path) -> list[str]:
-    """`-c` for a config, stacked as users run it: a data set's file after its stage's base.yaml (and base.yaml
-    with brats2019.yaml, whose data it lacks)."""
+    """`-c` for a config, stacked as users run it: a data set's file after its stage's base.yaml (and a base
+    with brats2019.yaml, whose data it lacks; fine-tuning's base_backprop.yaml is another base)."""
     base = config.parent / "base.yaml"
-    if config.name == "base.yaml":
+    if config.name.startswith("base"):
         return ["-c", str(config), "-c", str(config.parent / "brats2019.yaml")]
     if base.is_file():
         return ["-c", str(base), "-c", str(config)]
@@ -54,9 +56,11 @@ def autoencoders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, in
 
 
 def _instantiate_finetune(config: Path, checkpoint: Path, tmp_path: Path) -> FinetuneCLI:
-    return FinetuneCLI(PPOFinetuneModule, datamodule_class=None, run=False, auto_configure_optimizers=False,
-                       args=[*_config_args(config), "--model.init_checkpoint", str(checkpoint), *ON_CPU,
-                             "--model.reward", "rewards.InterSliceContinuityReward",
+    """As `msrl finetune` builds it: the module by `model.class_path`, PPO where a config names none."""
+    return FinetuneCLI(FinetuneBase, datamodule_class=None, subclass_mode_model=True, run=False,
+                       auto_configure_optimizers=False,
+                       args=[*_config_args(config), "--model.init_args.init_checkpoint", str(checkpoint), *ON_CPU,
+                             "--model.init_args.reward", "rewards.InterSliceContinuityReward",
                              "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
 
@@ -83,9 +87,10 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
                              autoencoders: dict[tuple[int, int], Path]) -> None:
     kind = config.relative_to(REPO / "configs").parts[0]
     if kind == "finetune":  # needs a pretrained checkpoint; its multi-scale reward is tested in test_rewards
-        latent = "latent" in config.name
+        latent = "latent" in config.name or "backprop" in config.name  # backprop's configs are latent ones
         cli = _instantiate_finetune(config, latent_checkpoint if latent else pretrained_checkpoint, tmp_path)
-        assert isinstance(cli.model, PPOFinetuneModule) and cli.model.policy.hparams.spatial_size == 16
+        expected = RewardBackpropModule if "backprop" in config.name else PPOFinetuneModule
+        assert isinstance(cli.model, expected) and cli.model.policy.hparams.spatial_size == 16
         assert (cli.model.policy.latent is not None) == latent
         return
     if kind == "study":  # the plan parses; its arms name components of the reward it is run with
@@ -179,13 +184,16 @@ def test_every_finetune_config_runs_the_study_settings_and_the_guard() -> None:
     for config in sorted((REPO / "configs" / "finetune").glob("*.yaml")):
         node = yaml.safe_load(config.read_text())
         model = node.get("model") or {}
+        if "backprop" in config.name:  # no advantages or PPO steps: its guard (on the template) is below
+            assert model["class_path"] == "lightning_modules.RewardBackpropModule", config
+            model = {"advantage_mode": "batch", "timestep_fraction": 1.0}
         if config.name in ("brats2019.yaml", "oasis1.yaml"):
             guard = node["trainer"]["callbacks"][0]
             assert guard["class_path"] == "msrl.evaluation.HeldoutFIDGuard", config
             assert guard["init_args"]["data"] == f"../data/{config.name}", config
             continue
         assert model["advantage_mode"] == "batch" and model["timestep_fraction"] == 1.0, config
-        if config.name != "base.yaml":
+        if not config.name.startswith("base"):
             assert node["trainer"]["callbacks"][0]["class_path"] == "msrl.evaluation.HeldoutFIDGuard", config
 
 

@@ -205,7 +205,7 @@ def test_finetuned_kl_bundle_reproduces_msrl_sample_and_its_card(finetuned_kl_ch
     assert "PPO fine-tuned" in card and "continuity (`rewards.InterSliceContinuityReward`): 1.0" in card
     assert "mask (`rewards.BrainMaskPlausibilityReward`): 0.5" in card
     assert "16.9 [15.2, 18.8]" in card and "+1.76 [+1.13, +2.48]" in card
-    assert meta["msrl"]["ppo"]["rollout_sampler"] == {"num_steps": 4, "eta": 1.0, "guidance_scale": 1.0}
+    assert meta["msrl"]["finetuning"]["rollout_sampler"] == {"num_steps": 4, "eta": 1.0, "guidance_scale": 1.0}
     assert meta["eval_metrics"]["paired_differences"][0]["records"][0]["ci95"] == [1.13, 2.48]
     assert meta["msrl"]["first_stage"]["class"] == "KLAutoencoderModule"
     assert meta["msrl"]["data"] is None and "Not recorded" in card
@@ -224,7 +224,8 @@ def test_lora_checkpoint_is_exported_with_its_adapters_merged(pretrained_kl_chec
     assert all(torch.equal(exported[key], merged[key]) for key in exported)
     assert sum(not torch.equal(exported[key], base[key]) for key in exported) >= 10
     meta = json.loads((tmp_path / "bundle/configs/metadata.json").read_text())
-    assert meta["msrl"]["ppo"]["lora"]["rank"] == 2 and "LoRA adapters merged" in meta["msrl"]["exported_weights"]
+    assert meta["msrl"]["finetuning"]["lora"]["rank"] == 2
+    assert "LoRA adapters merged" in meta["msrl"]["exported_weights"]
     assert "- LoRA: rank 2" in (tmp_path / "bundle/docs/README.md").read_text()
 
 
@@ -279,6 +280,6 @@ def test_card_finds_the_data_in_the_run_config(pretrained_checkpoint: Path, coho
     meta = json.loads((tmp_path / "bundle/configs/metadata.json").read_text())
     splits = meta["msrl"]["data"]["splits"]
     assert {name: split["subjects"] for name, split in splits.items()} == {"train": 4, "val": 2, "test": 2}
-    assert meta["msrl"]["checkpoint"]["kind"] == "pretrained" and meta["msrl"]["ppo"] is None
+    assert meta["msrl"]["checkpoint"]["kind"] == "pretrained" and meta["msrl"]["finetuning"] is None
     card = (tmp_path / "bundle/docs/README.md").read_text()
     assert "datamodules.TemplateCohortDataModule" in card and "test: 2 subjects" in card

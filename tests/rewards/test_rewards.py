@@ -211,8 +211,15 @@ def test_classifier_reward_scores_the_conditioned_class(trained_rewards: Path,
         reward(real, None)
 
 
-def test_multiscale_yaml_builds_with_trained_networks(trained_rewards: Path, tmp_path: Path) -> None:
-    text = (REPO / "configs/rewards/multiscale.yaml").read_text()
+@pytest.mark.parametrize("name, expected", [
+    ("multiscale.yaml", ["slice2d", "volume3d", "continuity", "mask", "classifier"]),
+    ("multiscale_differentiable.yaml", ["slice2d", "volume3d", "continuity", "classifier"]),  # reward backpropagation's
+])
+def test_multiscale_yaml_builds_with_trained_networks(trained_rewards: Path, tmp_path: Path, name: str,
+                                                      expected: list[str]) -> None:
+    from rewards import non_differentiable_parts
+
+    text = (REPO / "configs/rewards" / name).read_text()
     text = text.replace("runs/critics/version_0", str(trained_rewards / "critics/version_0"))
     text = text.replace("runs/classifier/version_0", str(trained_rewards / "classifier/version_0"))
     config = tmp_path / "multiscale.yaml"
@@ -223,6 +230,7 @@ def test_multiscale_yaml_builds_with_trained_networks(trained_rewards: Path, tmp
     parser.add_subclass_arguments(torch.nn.Module, "reward")  # as `model.reward` of a finetune config
     reward = parser.instantiate_classes(parser.parse_args(["--reward", str(config)])).reward
     assert isinstance(reward, MultiScaleReward)
-    assert reward.names == ["slice2d", "volume3d", "continuity", "mask", "classifier"]
+    assert reward.names == expected
+    assert bool(non_differentiable_parts(reward)) == ("mask" in expected)  # only the mask rule has no gradient
     total, components = reward.score(torch.rand(3, 1, 16, 16, 16) * 2 - 1, torch.tensor([0, 1, 0]))
-    assert total.shape == (3,) and len(components) == 5
+    assert total.shape == (3,) and len(components) == len(expected)

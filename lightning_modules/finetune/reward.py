@@ -1,9 +1,13 @@
 """The reward contract (docs/design.md §4), raw scores, and the networks a reward was built from.
 
 A reward is a `torch.nn.Module` mapping volumes `[B, C, D, H, W]` in [-1, 1] and class labels
-`[B]` (or None) to one finite score per volume `[B]`, higher is better. PPO calls it under
-`no_grad`, on whatever device and dtype the volumes have. Any module with that `forward` plugs in
-through YAML `class_path`; subclassing `Reward` only adds a `name` and per-component scores.
+`[B]` (or None) to one finite score per volume `[B]`, higher is better, on whatever device and dtype
+the volumes have. Both fine-tuners call it: PPO under `no_grad` (one scalar per volume), reward
+backpropagation with gradients, ascending ∂reward/∂volume (docs/design.md §8). A reward says whether
+that gradient exists (`differentiable`); `non_differentiable_parts` names the parts that do not, so a
+configuration that backpropagates through them is refused before anything runs. Any module with that
+`forward` plugs in through YAML `class_path` (a plain module counts as differentiable); subclassing
+`Reward` only adds a `name`, per-component scores and the flag.
 
 The total a reward returns may be normalised by statistics that move during training
 (`rewards.MultiScaleReward`), so it cannot say whether the reward rose (docs/design.md §7). Raw
@@ -18,15 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
-RAW_TOTAL = "total"  # key of the weighted raw sum among raw scores (ppo/reward_raw/total)
+RAW_TOTAL = "total"  # key of the weighted raw sum among raw scores (<prefix>/reward_raw/total)
 
 
 class Reward(nn.Module, ABC):
     """Base class of msrl's rewards.
 
     Args:
-        name: the key of this reward in logs (`ppo/reward/<name>`, `ppo/reward_raw/<name>`).
+        name: the key of this reward in logs (`<prefix>/reward/<name>`, `<prefix>/reward_raw/<name>`).
+
+    Attributes:
+        differentiable: whether the score's gradient with respect to the volumes means something
+            (False for a rule that thresholds, counts or bins voxels: its gradient is 0 or absent).
     """
+
+    differentiable: bool = True
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -110,6 +120,12 @@ def _check_scores(reward: nn.Module, batch: int, scores: dict[str, Any]) -> None
             samples = torch.nonzero(~torch.isfinite(value)).flatten().tolist()
             raise FloatingPointError(f"reward component {key} returned non-finite values for samples {samples} "
                                      f"of this batch: {value.tolist()}")
+
+
+def non_differentiable_parts(reward: nn.Module) -> list[str]:
+    """`name (Class)` of every part of a reward, itself included, that declares `differentiable = False`."""
+    return [f"{getattr(module, 'name', type(module).__name__)} ({type(module).__name__})"
+            for module in reward.modules() if getattr(module, "differentiable", True) is False]
 
 
 def reward_networks(reward: nn.Module) -> list[dict[str, str]]:

@@ -1,0 +1,15 @@
+"""What every reward fine-tuner shares: `FinetuneBase` (policy, rollout, scoring, logs, checkpoint records),
+the reward contract (`Reward`, raw scores, differentiability), balanced labels and running statistics."""
+
+from lightning_modules.finetune.base import FinetuneBase, finetune_tags, metric_prefixes
+from lightning_modules.finetune.reward import (
+    Reward,
+    non_differentiable_parts,
+    raw_reward_scores,
+    reward_networks,
+    score_components,
+)
+from lightning_modules.finetune.running import RunningMoments
+
+__all__ = ["FinetuneBase", "Reward", "RunningMoments", "finetune_tags", "metric_prefixes", "non_differentiable_parts",
+           "raw_reward_scores", "reward_networks", "score_components"]
