@@ -4,6 +4,7 @@
 baseline) alternating over several repetitions after a warm-up, prints the table and writes
 `benchmarks/results.json`; `benchmarks/RESULTS.md` keeps the latest tables and what they mean.
 Modules: `settings` (sizes), `harness` (alternating timer, report), `pretraining` and `finetuning`
-(the workloads), `memory` (peak memory in fresh processes), `gpu` (bf16 throughput, FLOP
+(the workloads), `memory` (peak memory in fresh processes), `backprop` (reward backpropagation's
+seconds beside PPO's and its checkpointing memory), `gpu` (bf16 throughput, FLOP
 utilisation), `sections` (what runs, and how to add a row), `run` (the command line).
 """

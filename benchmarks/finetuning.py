@@ -33,6 +33,7 @@ from benchmarks.pretraining import (
 from benchmarks.settings import BenchConfig, Net, PPOSize
 from lightning_modules.critics.networks import ClassifierModule, RealismCriticModule
 from lightning_modules.diffusion.sampling import sample
+from lightning_modules.finetune.base import FinetuneBase
 from lightning_modules.ppo.module import PPOFinetuneModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,15 @@ def untrained_reward(workdir: Path, net: Net, config: Path = MULTISCALE_CONFIG) 
     return _class(spec["class_path"])(components=components, **others)
 
 
+def pretrained_checkpoint(net: Net, workdir: Path, autoencoder_checkpoint: Path | None = None) -> Path:
+    """A fresh `DiffusionModule` of this size (latent with an autoencoder), saved as `msrl pretrain` saves it."""
+    latent = {} if autoencoder_checkpoint is None else {"autoencoder_checkpoint": str(autoencoder_checkpoint)}
+    pretrained = diffusion_module(net, **latent)
+    checkpoint = workdir / "pretrained.ckpt"
+    torch.save({"msrl_diffusion": pretrained.diffusion_spec(), "state_dict": pretrained.state_dict()}, checkpoint)
+    return checkpoint
+
+
 def ppo_module(size: PPOSize, workdir: Path, config: BenchConfig,
                autoencoder_checkpoint: Path | None = None) -> PPOFinetuneModule:
     """A `PPOFinetuneModule` of this size (η = 1, one iteration per fit) on a fresh pretrained model.
@@ -85,10 +95,7 @@ def ppo_module(size: PPOSize, workdir: Path, config: BenchConfig,
     With `autoencoder_checkpoint` the pretrained model is a latent one: the policy rolls out in that
     autoencoder's latent space and the reward scores the decoded volumes (`size.net.spatial_size`).
     """
-    latent = {} if autoencoder_checkpoint is None else {"autoencoder_checkpoint": str(autoencoder_checkpoint)}
-    pretrained = diffusion_module(size.net, **latent)
-    checkpoint = workdir / "pretrained.ckpt"
-    torch.save({"msrl_diffusion": pretrained.diffusion_spec(), "state_dict": pretrained.state_dict()}, checkpoint)
+    checkpoint = pretrained_checkpoint(size.net, workdir, autoencoder_checkpoint)
     module = CostPPO(init_checkpoint=str(checkpoint), reward=untrained_reward(workdir, size.net),
                      samples_per_iteration=size.samples, num_steps=size.num_steps, eta=1.0,
                      timestep_fraction=size.timestep_fraction, micro_batch_size=size.micro_batch_size,
@@ -111,19 +118,23 @@ def _synchronise_after(module: PPOFinetuneModule, names: tuple[str, ...], sync: 
         setattr(module, name, finished)
 
 
-def update_passes(size: PPOSize) -> int:
-    """UNet forward+backward passes of one PPO update: micro-batches × trained steps.
+def trained_steps(size: PPOSize) -> int:
+    """DDIM steps a PPO update trains on: `timestep_fraction` of the stochastic ones, at least one.
 
     The last DDIM step is deterministic (ᾱ_prev = 1) and never trained, as in `PPOFinetuneModule`.
     """
-    trained_steps = max(1, math.ceil(size.timestep_fraction * (size.num_steps - 1)))
-    return math.ceil(size.samples / size.micro_batch_size) * trained_steps
+    return max(1, math.ceil(size.timestep_fraction * (size.num_steps - 1)))
 
 
-def ppo_iteration(module: PPOFinetuneModule, config: BenchConfig) -> dict[str, float]:
-    """One PPO iteration through a fresh Trainer: its phases' seconds (as the module logs them
-    under ppo/time/*: rollout, decode, reward (decode included), update), the whole iteration's
-    seconds, and the UNet passes with gradients."""
+def update_passes(size: PPOSize) -> int:
+    """UNet forward+backward passes of one PPO update: micro-batches × trained steps."""
+    return math.ceil(size.samples / size.micro_batch_size) * trained_steps(size)
+
+
+def finetune_iteration(module: FinetuneBase, config: BenchConfig) -> dict[str, float]:
+    """One iteration of a fine-tuner (PPO or reward backpropagation) through a fresh Trainer: its phases'
+    seconds (as the module logs them under <metric_prefix>/time/*: rollout, decode, reward (decode
+    included), update), the whole iteration's seconds, and the UNet calls with gradients."""
     stamps = BatchStamps(synchroniser(config.device))
     passes: list[int] = []
     hook = module.policy.unet.register_forward_hook(
@@ -133,7 +144,7 @@ def ppo_iteration(module: PPOFinetuneModule, config: BenchConfig) -> dict[str, f
         trainer.fit(module)
     finally:
         hook.remove()
-    metrics = {key: float(trainer.callback_metrics[f"ppo/time/{key}"])
+    metrics = {key: float(trainer.callback_metrics[f"{module.metric_prefix}/time/{key}"])
                for key in ("rollout", "decode", "reward", "update")}
     return {**metrics, "iteration": stamps.seconds_from(0), "passes": float(len(passes))}
 
@@ -145,7 +156,7 @@ def ppo_update_per_pass(module: PPOFinetuneModule, config: BenchConfig,
     Every iteration's split is appended to `iterations` (for `reward_share` and the split table).
     """
     def run() -> float:
-        split = ppo_iteration(module, config)
+        split = finetune_iteration(module, config)
         iterations.append(split)
         return split["update"] / split["passes"]
 

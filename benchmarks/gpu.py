@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.finetuning import msrl_rollout, ppo_iteration, ppo_module
+from benchmarks.finetuning import finetune_iteration, msrl_rollout, ppo_module
 from benchmarks.harness import Report, Table, measure
 from benchmarks.memory import latent_ppo_module, lora_arguments
 from benchmarks.pretraining import autocast, diffusion_module, lightning_steps, synchroniser
@@ -111,8 +111,8 @@ def throughput_row(net: Net, batch: int, config: BenchConfig, peak: float | None
         rollout()
         sync = synchroniser(config.device)
         rollout_seconds = statistics.median(measure(rollout, sync) for _ in range(repeats))
-        ppo_iteration(ppo, config)
-        iteration_seconds = statistics.median(ppo_iteration(ppo, config)["iteration"] for _ in range(2))
+        finetune_iteration(ppo, config)
+        iteration_seconds = statistics.median(finetune_iteration(ppo, config)["iteration"] for _ in range(2))
     return [net.label(), batch, batch / step_seconds, flops / 1e9, model_flop_utilisation(flops, step_seconds, peak),
             peak_gib, size.samples / rollout_seconds, size.num_steps, iteration_seconds]
 
@@ -204,11 +204,11 @@ def latent_ppo_row(lora_rank: int, tiled: bool, config: BenchConfig, plan: GpuPl
     with tempfile.TemporaryDirectory() as workdir:
         module = latent_ppo_module(size, plan.sizes, config, Path(workdir), lora_rank,
                                    plan.decode_tile if tiled else None)
-        ppo_iteration(module, config)  # warm-up
+        finetune_iteration(module, config)  # warm-up
         _reset_peak(cuda)
-        runs = [ppo_iteration(module, config) for _ in range(plan.repeats)]
+        runs = [finetune_iteration(module, config) for _ in range(plan.repeats)]
         peak_gib = _peak_gib(cuda)
-        flops = count_flops(lambda: ppo_iteration(module, config))
+        flops = count_flops(lambda: finetune_iteration(module, config))
     seconds = statistics.median(run["iteration"] for run in runs)
     return [variant, decode, size.samples, size.num_steps, seconds, size.samples / seconds,
             statistics.median(run["decode"] for run in runs), flops / 1e9,

@@ -201,7 +201,7 @@ def measure_ppo(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in the child process: tensor peak of one latent PPO iteration (fresh Trainer, so AdamW's state too)."""
     import tempfile
 
-    from benchmarks.finetuning import ppo_iteration
+    from benchmarks.finetuning import finetune_iteration
     from benchmarks.settings import PRESETS, PPOSize
 
     config, sizes = PRESETS[spec["preset"]], PRESETS[spec["sizes"]]
@@ -215,7 +215,7 @@ def measure_ppo(spec: dict[str, Any]) -> dict[str, Any]:
         weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
         weights += sum(t.numel() * t.element_size() for t in module.policy.latent.autoencoder.parameters())
         trainable = sum(p.numel() for p in module.policy.unet.parameters() if p.requires_grad)
-        peak = profiled_peak_bytes(lambda: ppo_iteration(module, config))
+        peak = profiled_peak_bytes(lambda: finetune_iteration(module, config))
     return {"tensor_peak_mib": peak / MIB, "weights_mib": weights / MIB, "trainable_parameters": trainable}
 
 
@@ -257,10 +257,16 @@ def _child(kind: str, spec: dict[str, Any], fresh: bool = True) -> dict[str, Any
     """Run one measurement in a fresh process (in this one unless `fresh`: the tiny preset) and return its JSON."""
     if not fresh:
         return {"decode": measure_decode, "ppo": measure_ppo}[kind](dict(spec))
+    return fresh_process("benchmarks.memory", {**spec, "kind": kind})
+
+
+def fresh_process(module: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`python -m <module> '<spec json>'` in a fresh process, one thread, glibc mmapping blocks over 128 KiB
+    (freed tensors leave the resident set); the JSON it prints last."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.memory", json.dumps({**spec, "kind": kind})],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return _finish(process)
 
 

@@ -18,10 +18,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.backprop import backprop_section
 from benchmarks.finetuning import (
+    finetune_iteration,
     monai_rollout,
     msrl_rollout,
-    ppo_iteration,
     ppo_module,
     ppo_update_per_pass,
     sampler_arithmetic,
@@ -141,8 +142,8 @@ def latent_split_table(config: BenchConfig, report: Report, autoencoder: Path, w
     """One latent PPO iteration's seconds per phase, medians of `config.repeats` after a warm-up."""
     bench, size = config.latent, config.latent.iteration
     module = ppo_module(size, _fresh(workdir / "latent_iteration"), config, autoencoder)
-    ppo_iteration(module, config)  # warm-up
-    timed = [latent_split(ppo_iteration(module, config)) for _ in range(config.repeats)]
+    finetune_iteration(module, config)  # warm-up
+    timed = [latent_split(finetune_iteration(module, config)) for _ in range(config.repeats)]
     t = medians(timed, (*LATENT_PHASES, "iteration"))
     other = t["iteration"] - sum(t[p] for p in LATENT_PHASES)
     row = [_latent_label(bench), size.num_steps, update_passes(size), *(t[p] for p in LATENT_PHASES), other,
@@ -164,9 +165,9 @@ def scaling(config: BenchConfig, report: Report) -> None:
                            config.ppo.timestep_fraction, config.scaling_samples)
             with tempfile.TemporaryDirectory() as workdir:
                 module = ppo_module(size, Path(workdir), config)
-                ppo_iteration(module, config)  # warm-up
+                finetune_iteration(module, config)  # warm-up
                 log.info("  scaling %s, %d steps", size.net.label(), steps)
-                measured[side, steps] = size, ppo_iteration(module, config)
+                measured[side, steps] = size, finetune_iteration(module, config)
         return measured[side, steps]
 
     samples = f"{config.scaling_samples} sample{'s' if config.scaling_samples != 1 else ''} per iteration"
@@ -205,6 +206,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("pretrain", pretrain_step),
     ("ppo", ppo),
     ("latent", latent),
+    ("backprop", backprop_section),
     ("memory", memory),
     ("plan", plan),
     ("scaling", scaling),

@@ -118,7 +118,8 @@ class LatentBench:
         voxel_net: B of the ratio: the voxel-space UNet at the same volume side; B rolls out as many
             volumes with as many DDIM steps as A.
         rollout_repeats: timed pairs of the ratio (a voxel rollout at 64³ takes tens of seconds on 2 cores).
-        iteration: the latent PPO iteration whose time is split into rollout / decode / reward / update.
+        iteration: the latent PPO iteration whose time is split into rollout / decode / reward / update;
+            the reward-backpropagation rows (`benchmarks/backprop.py`) run this size too.
     """
 
     autoencoder: Autoencoder

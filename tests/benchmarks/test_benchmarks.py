@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from benchmarks.settings import TINY
 from tests.conftest import REPO, subprocess_env
 
 KEYS = ("pretrain_step_ratio", "rollout_ratio", "ppo_update_ratio", "reward_share", "ckpt_memory_ratio",
-        "latent_rollout_ratio")
+        "latent_rollout_ratio", "backprop_ckpt_memory_ratio")
 
 
 def _positive_finite(value: object) -> bool:
@@ -66,6 +67,23 @@ def test_tiny_run_writes_every_row_with_positive_finite_numbers(tiny_results: di
     assert all(_positive_finite(v) for v in latent[3:9]), latent  # rollout, decode, scoring, update, other, iteration
     assert latent[1] == TINY.latent.iteration.num_steps
     assert tiny_results["meta"]["device"] == "cpu"
+
+
+def test_tiny_run_measures_reward_backpropagation_beside_ppo(tiny_results: dict) -> None:
+    """The backprop section's two ratios are computed from their rows (no timing asserted)."""
+    ratios = tiny_results["ratios"]
+    seconds, memory = ratios["backprop_iteration_ratio"], ratios["backprop_ckpt_memory_ratio"]
+    assert seconds["goal"] is None and memory["goal"] == 0.60
+    for row in (seconds, memory):
+        assert all(_positive_finite(v) for v in row["a"] + row["b"]), row
+        assert row["value"] == pytest.approx(statistics.median(a / b for a, b in zip(row["a"], row["b"], strict=True)))
+    assert len(seconds["a"]) == TINY.repeats and memory["unit"] == "MiB"
+    split = tiny_results["tables"]["backprop_split"]["rows"]
+    assert [row[0] for row in split] == ["reward backpropagation", "PPO"]
+    assert all(_positive_finite(v) for row in split for v in row[1:5] + row[6:]), split  # phases, iteration
+    with_, without = tiny_results["tables"]["backprop_memory"]["rows"]
+    assert (with_[0], without[0]) == ("on", "off") and without[3] == 1.0
+    assert with_[1] == memory["a"][0] and with_[3] == pytest.approx(memory["value"])
 
 
 def test_the_cpu_path_never_initialises_cuda(tiny_results: dict) -> None:
