@@ -102,7 +102,8 @@ class RewardBackpropModule(FinetuneBase):
         hp = self.hparams
         if not hp.random_backprop_steps or hp.backprop_steps <= 1:
             return int(hp.backprop_steps)
-        generator = torch.Generator().manual_seed(hash((hp.seed, int(self.iteration), "K")) % 2**62)
+        # numbers only: hash() of a str differs between processes, so ranks and a resumed run would disagree
+        generator = torch.Generator().manual_seed(int(hp.seed) * 1_000_003 + int(self.iteration) + 7)
         return int(torch.randint(1, hp.backprop_steps + 1, (), generator=generator))
 
     # One iteration -----------------------------------------------------------------------------

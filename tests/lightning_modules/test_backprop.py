@@ -1,6 +1,9 @@
 """Tests of reward backpropagation: the gradient through K steps is right, K = 0 trains nothing, rules refuse,
 resume is exact, the checkpoints sample, and differentiable decoding passes gradients."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -75,6 +78,17 @@ def test_random_k_is_drawn_per_iteration_and_repeats(pretrained_checkpoint: Path
         module.iteration.fill_(iteration)
         drawn.append(module.kept_steps())
     assert set(drawn) <= {1, 2, 3} and len(set(drawn)) > 1 and drawn[0] == drawn[-1]
+    # every rank and a resumed run draw the same K: nothing may depend on the process (e.g. str hashing)
+    script = ("import sys; from lightning_modules.backprop.module import RewardBackpropModule; "
+              "from tests.lightning_modules.test_ppo import BrightnessReward; "
+              "m = RewardBackpropModule(sys.argv[1], BrightnessReward(), backprop_steps=3, "
+              f"random_backprop_steps=True, **{SMALL!r}); "
+              "print([m.iteration.fill_(i) is not None and m.kept_steps() for i in range(6)])")
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", script, str(pretrained_checkpoint)], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        assert out == str(drawn[:6]), (hash_seed, out, drawn[:6])
 
 
 def _finetune(checkpoint: Path, runs: Path, *extra: str) -> Path:
