@@ -6,7 +6,7 @@ A data set states only what differs: which subjects exist and what is wrong with
 preprocessing settings and by each source file's path, size and mtime, checks that cache before a run
 reads it (datamodules/cache_index.py), splits deterministically by `seed` with stratification by label,
 and serves items `{"image": float32 [C, D, H, W] in [-1, 1], "label": int64 [], "subject_id": str}`
-(plus `"meta"` where the data set has it).
+(plus `"seg"`: uint8 [1, D, H, W] lesion labels, and `"meta"`, where the data set has them).
 """
 
 from __future__ import annotations

@@ -122,9 +122,11 @@ class CachedVolumeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image = load_entry(self.files[index], record.subject_id)["image"]
-        item = {"image": image.float(), "label": torch.tensor(record.label, dtype=torch.int64),
+        tensors = load_entry(self.files[index], record.subject_id)
+        item = {"image": tensors["image"].float(), "label": torch.tensor(record.label, dtype=torch.int64),
                 "subject_id": record.subject_id}
+        if "seg" in tensors:  # the lesion's labels where the data set has them (BraTS, the template cohort)
+            item["seg"] = tensors["seg"].to(torch.uint8)  # [1, D, H, W]
         if record.meta:
             item["meta"] = record.meta
         return item

@@ -30,8 +30,8 @@ train_models() {
   need "$autoencoder" "train-autoencoder"
 
   stage "2/$STAGES pretrain a class-conditional latent diffusion model"
-  # latent steps are cheap (~0.2 s): 120 epochs of 16 steps (about 6 minutes); on the val split 60 epochs left the
-  # in-domain FID at 2.4x the autoencoder's floor, 120 at 1.5x (docs/design.md §2a)
+  # latent steps are cheap (~0.2 s): 120 epochs of 16 steps (about 6 minutes); the config weighs the lesion's latent
+  # cells 1 + 3 in the loss, without which no sample draws a lesion (val split, docs/design.md §2a)
   [ -f "$pretrained" ] || msrl pretrain -c configs/pretrain/template_latent.yaml \
     --model.autoencoder_checkpoint "$autoencoder" --trainer.max_epochs 120 "${progress[@]}" "${runs[@]}"
   need "$pretrained" "pretraining"

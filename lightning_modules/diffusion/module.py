@@ -72,6 +72,10 @@ class DiffusionModule(L.LightningModule):
         decode_blend: "trim" (each voxel from the tile holding it deepest: equal to whole decoding once
             overlap · tile / 2 covers the decoder's reach, 5 latent voxels for msrl's VQ-GAN),
             "gaussian" or "constant" (MONAI's blends of overlapping tiles).
+        lesion_loss_weight: w > 0 weighs the training loss of the positions a lesion covers by 1 + w (the
+            batch's `seg` labels, max-pooled onto the grid the UNet denoises), as a weighted mean. A small
+            lesion at a random place is a few per cent of the loss, so an unweighted model learns the brain
+            and drops the lesion, whatever its class (docs/design.md §2a). 0: the plain DDPM loss.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class DiffusionModule(L.LightningModule):
         decode_tile_size: int | None = None,
         decode_overlap: float = 0.625,
         decode_blend: Literal["constant", "gaussian", "trim"] = "trim",
+        lesion_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if len(channels) != len(attention_levels):
@@ -112,6 +117,8 @@ class DiffusionModule(L.LightningModule):
                              "must have the same length")
         if any(c % norm_num_groups for c in channels):
             raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count {tuple(channels)}")
+        if lesion_loss_weight < 0:
+            raise ValueError(f"lesion_loss_weight must be >= 0 (0: the plain loss), got {lesion_loss_weight}")
         if not 0.0 <= cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
         noise_scheduler = noise_scheduler if noise_scheduler is not None else default_noise_scheduler()
@@ -173,8 +180,12 @@ class DiffusionModule(L.LightningModule):
         return self.ema.module(x, timesteps, class_labels=labels if self.null_class is not None else None)
 
     def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor | None,
-                       generator: torch.Generator | None = None, label_dropout: float = 0.0) -> torch.Tensor:
-        """DDPM MSE between the prediction and its target (ε or v) at random timesteps."""
+                       generator: torch.Generator | None = None, label_dropout: float = 0.0,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+        """DDPM MSE between the prediction and its target (ε or v) at random timesteps.
+
+        `weights` [B, 1, *spatial] (broadcast over channels) makes it a weighted mean (`lesion_weights`).
+        """
         batch = images.shape[0]
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         timesteps = torch.randint(0, self.noise_scheduler.num_train_timesteps, (batch,), generator=generator,
@@ -188,7 +199,24 @@ class DiffusionModule(L.LightningModule):
             drop = torch.rand(batch, device=images.device) < label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         prediction = self(noisy, timesteps, labels)
-        return F.mse_loss(prediction.float(), target.float())
+        if weights is None:
+            return F.mse_loss(prediction.float(), target.float())
+        squared = (prediction.float() - target.float()).square()
+        return (squared * weights).sum() / (weights.sum() * squared.shape[1])
+
+    def lesion_weights(self, batch: dict[str, Any], grid: tuple[int, ...]) -> torch.Tensor | None:
+        """1 + `lesion_loss_weight` where the batch's lesion labels reach a position of `grid`, else 1 (None if 0)."""
+        weight = self.hparams.lesion_loss_weight
+        if weight == 0:
+            return None
+        if "seg" not in batch:
+            raise ValueError(f"model.lesion_loss_weight={weight} needs lesion labels in each batch (the 'seg' key), "
+                             "which this data set does not serve; data sets with lesion labels: BraTS, the template "
+                             "cohort. Set model.lesion_loss_weight: 0 for this data set")
+        lesion = (batch["seg"] > 0).float()
+        factor = lesion.shape[-1] // grid[-1]
+        covered = F.max_pool3d(lesion, factor) if factor > 1 else lesion  # any lesion voxel in the latent's cell
+        return 1.0 + weight * covered
 
     # Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -198,7 +226,8 @@ class DiffusionModule(L.LightningModule):
         DDP's collectives stay matched), is counted, and after `max_nonfinite_steps` in a row stops.
         """
         latents = self.to_diffusion_space(batch["image"], batch.get("subject_id"))
-        loss = self.diffusion_loss(latents, batch["label"], label_dropout=self.hparams.cfg_dropout)
+        loss = self.diffusion_loss(latents, batch["label"], label_dropout=self.hparams.cfg_dropout,
+                                   weights=self.lesion_weights(batch, tuple(latents.shape[2:])))
         bad = self.trainer.strategy.reduce(torch.tensor(float(not torch.isfinite(loss)), device=self.device),
                                            reduce_op="sum")
         if bad > 0:

@@ -19,7 +19,11 @@ def test_items_have_the_shared_format(cohort_cache: Path) -> None:
     module.prepare_data()
     module.setup("fit")
     item = module.datasets["train"][0]
-    assert set(item) == {"image", "label", "subject_id"}
+    assert set(item) == {"image", "label", "subject_id", "seg"}
+    assert item["seg"].shape == (1, 16, 16, 16) and item["seg"].dtype == torch.uint8
+    segs = {int(module.datasets["train"][i]["label"]): module.datasets["train"][i]["seg"]
+            for i in range(len(module.datasets["train"]))}
+    assert segs[0].eq(0).all() and set(segs[1].unique().tolist()) <= {0, 1, 2, 4} and segs[1].gt(0).any()
     assert item["image"].shape == (1, 16, 16, 16) and item["image"].dtype == torch.float32
     assert item["image"].min() >= -1 and item["image"].max() <= 1
     assert item["label"].dtype == torch.int64 and item["label"].ndim == 0

@@ -44,6 +44,28 @@ def test_label_dropout_uses_the_null_class() -> None:
     assert set(labels.tolist()) == {0, 2} and 10 < int((labels == 2).sum()) < 54
 
 
+def test_lesion_weights_cover_the_lesion_cells_and_weigh_the_mean() -> None:
+    model = _model(lesion_loss_weight=4.0)
+    seg = torch.zeros(2, 1, 16, 16, 16, dtype=torch.uint8)
+    seg[1, 0, 5, 9, 2] = 4  # one voxel of volume 1: its 4³ cell on a 4³ grid
+    weights = model.lesion_weights({"seg": seg}, grid=(4, 4, 4))
+    assert weights.shape == (2, 1, 4, 4, 4) and weights[0].eq(1).all()
+    assert weights[1, 0, 1, 2, 0] == 5 and int(weights[1].eq(5).sum()) == 1 and int(weights[1].eq(1).sum()) == 63
+    assert model.lesion_weights({"seg": seg}, grid=(16, 16, 16))[1, 0, 5, 9, 2] == 5  # voxel space: no pooling
+    images, labels = torch.rand(2, 1, 16, 16, 16) * 2 - 1, torch.tensor([0, 1])
+    plain = model.diffusion_loss(images, labels, generator=torch.Generator().manual_seed(3))
+    ones = model.diffusion_loss(images, labels, generator=torch.Generator().manual_seed(3),
+                                weights=torch.ones(2, 1, 16, 16, 16))
+    torch.testing.assert_close(ones, plain)  # equal weights: the plain mean
+    lesion = torch.zeros(2, 1, 16, 16, 16)
+    lesion[1, :, :4] = 1.0
+    weighted = model.diffusion_loss(images, labels, generator=torch.Generator().manual_seed(3), weights=1 + 9 * lesion)
+    assert not torch.isclose(weighted, plain)
+    with pytest.raises(ValueError, match="'seg'"):
+        model.lesion_weights({"image": images}, grid=(16, 16, 16))
+    assert _model().lesion_weights({"image": images}, grid=(16, 16, 16)) is None  # weight 0: the plain loss
+
+
 def test_ema_follows_the_weights_after_each_optimizer_step(tmp_path: Path, cohort_cache: Path) -> None:
     from datamodules import TemplateCohortDataModule
 
@@ -104,6 +126,7 @@ def test_generate_is_seeded_and_in_range() -> None:
     (dict(channels=(8, 8), attention_levels=(False, False, True)), "same length"),
     (dict(norm_num_groups=3), "norm_num_groups"),
     (dict(cfg_dropout=1.0), "cfg_dropout"),
+    (dict(lesion_loss_weight=-1.0), "lesion_loss_weight"),
     (dict(noise_scheduler=DDPMScheduler(prediction_type="sample")), "prediction_type"),
 ])
 def test_bad_settings_are_explained(bad: dict, match: str) -> None:
