@@ -21,7 +21,7 @@ msrl finetune -c configs/finetune/template_latent.yaml --model.init_checkpoint "
 finetuned="$OUT/runs/finetune/version_0/checkpoints/last.ckpt"
 need "$finetuned" "fine-tuning"
 
-stage "6/7 evaluate fine-tuned vs pretrained, paired (same seeds), at the rollout sampler (20 DDIM steps, η = 1)"
+stage "6/7 evaluate fine-tuned vs pretrained, paired (same seeds): 20 DDIM steps, η = 1, guidance 3"
 # $OUT/evaluate.yaml: configs/evaluate/template.yaml with this demo's encoder (written by scripts/models.sh)
 msrl evaluate -c "$OUT/evaluate.yaml" --checkpoint "$pretrained" --checkpoint "$finetuned" \
   --autoencoder "$autoencoder" --names "[pretrained, finetuned, autoencoder-reconstruction]" --out "$OUT/evaluation"

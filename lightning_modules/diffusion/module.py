@@ -22,6 +22,7 @@ from lightning_modules.diffusion.noise_schedules import default_noise_scheduler,
 from lightning_modules.diffusion.optim import warmup_cosine_schedule
 from lightning_modules.diffusion.sampling import ddim_from_training_schedule, sample
 from lightning_modules.diffusion.speed import apply_speed_options, to_channels_last
+from lightning_modules.first_stage.losses import lesion_mask
 from lightning_modules.visualize import slice_grid
 
 log = logging.getLogger(__name__)
@@ -207,13 +208,10 @@ class DiffusionModule(L.LightningModule):
     def lesion_weights(self, batch: dict[str, Any], grid: tuple[int, ...]) -> torch.Tensor | None:
         """1 + `lesion_loss_weight` where the batch's lesion labels reach a position of `grid`, else 1 (None if 0)."""
         weight = self.hparams.lesion_loss_weight
-        if weight == 0:
+        lesion = lesion_mask(batch, weight, "model.lesion_loss_weight")
+        if lesion is None:
             return None
-        if "seg" not in batch:
-            raise ValueError(f"model.lesion_loss_weight={weight} needs lesion labels in each batch (the 'seg' key), "
-                             "which this data set does not serve; data sets with lesion labels: BraTS, the template "
-                             "cohort. Set model.lesion_loss_weight: 0 for this data set")
-        lesion = (batch["seg"] > 0).float()
+        lesion = lesion.float()
         factor = lesion.shape[-1] // grid[-1]
         covered = F.max_pool3d(lesion, factor) if factor > 1 else lesion  # any lesion voxel in the latent's cell
         return 1.0 + weight * covered

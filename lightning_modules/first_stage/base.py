@@ -32,8 +32,10 @@ from lightning_modules.first_stage.losses import (
     Discriminators,
     MedicalNetPerceptualLoss,
     latent_moments,
+    lesion_mask,
     random_cubes,
     scale_from_moments,
+    weighted_l1,
 )
 from lightning_modules.first_stage.settings import FirstStageTraining, training_arguments
 from lightning_modules.visualize import slice_grid
@@ -127,8 +129,11 @@ class FirstStageModule(L.LightningModule, ABC):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One autoencoder step, then (once the adversarial term is on) one discriminator step."""
         images, settings = batch["image"], self.settings
-        if settings.train_crop_size is not None:
-            images = random_cubes(images, settings.train_crop_size, 2 ** self.hparams.downsample_levels)
+        lesion = lesion_mask(batch, settings.lesion_l1_weight, "model.init_args.training.lesion_l1_weight")
+        if settings.train_crop_size is not None:  # the lesion mask cropped with its volume, as an extra channel
+            both = images if lesion is None else torch.cat([images, lesion.to(images.dtype)], 1)
+            both = random_cubes(both, settings.train_crop_size, 2 ** self.hparams.downsample_levels)
+            images, lesion = (both, None) if lesion is None else (both[:, :-1], both[:, -1:])
         generator_optimizer, discriminator_optimizer = self.optimizers()
         adversarial = int(self.training_steps) >= settings.adversarial_start_step
         self.toggle_optimizer(generator_optimizer)
@@ -136,7 +141,9 @@ class FirstStageModule(L.LightningModule, ABC):
         if settings.train_crop_size is None:
             self.latent_sums += latent_moments(latents)
         l1 = F.l1_loss(reconstruction.float(), images.float())
-        loss = l1 + regulariser
+        # the optimiser sees the lesion-weighted L1 where asked; train/l1 stays the plain one
+        loss = regulariser + (l1 if lesion is None else
+                              weighted_l1(reconstruction, images, 1.0 + settings.lesion_l1_weight * lesion.float()))
         logs = {"train/l1": l1, self.regulariser_name: regulariser}
         if self._perceptual:
             perceptual = self._perceptual[0].to(images.device)(reconstruction.float(), images.float())

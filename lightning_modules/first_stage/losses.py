@@ -173,6 +173,26 @@ def random_cubes(volumes: torch.Tensor, size: int, multiple: int) -> torch.Tenso
                         for volume, (x, y, z) in zip(volumes, corners.tolist(), strict=True)])
 
 
+def lesion_mask(batch: dict[str, Any], weight: float, key: str) -> torch.Tensor | None:
+    """Where the batch's lesion labels are non-zero, bool [B, 1, S, S, S]; None when `weight` is 0.
+
+    For the losses that weigh a lesion's voxels by 1 + `weight`; `key` names that setting in the
+    error raised when the data set serves no lesion labels.
+    """
+    if weight == 0:
+        return None
+    if "seg" not in batch:
+        raise ValueError(f"{key}={weight} needs lesion labels in each batch (the 'seg' key), which this data set "
+                         f"does not serve; data sets with lesion labels: BraTS, the template cohort. Set {key}: 0")
+    return batch["seg"] > 0
+
+
+def weighted_l1(reconstruction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·|x̂ − x| / Σ w over volumes [B, C, S, S, S], weights [B, 1, S, S, S] shared by the channels."""
+    errors = (reconstruction.float() - target.float()).abs()
+    return (errors * weights).sum() / (weights.sum() * errors.shape[1])
+
+
 def constructor_arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
     """A constructor's arguments from its `locals()` taken first thing, for `save_hyperparameters`.
 

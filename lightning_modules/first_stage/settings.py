@@ -40,6 +40,9 @@ class FirstStageTraining:
             oversample the brain (their latents' std was 1.4× the whole volumes' on the template), so
             with cubes the scale factor comes from the whole validation volumes' latents.
         preview_num_samples: validation volumes shown next to their reconstructions in TensorBoard.
+        lesion_l1_weight: w > 0 weighs the L1 of the voxels the batch's lesion labels (`seg`) cover by 1 + w
+            (a weighted mean): a lesion is a few per cent of a volume, and of a cube less often still, so
+            an unweighted first stage blurs it away (docs/design.md §2a). 0: the plain L1.
     """
 
     adversarial_weight: float = 0.01
@@ -58,6 +61,7 @@ class FirstStageTraining:
     gradient_clip_val: float | None = 1.0
     train_crop_size: int | None = None
     preview_num_samples: int = 2
+    lesion_l1_weight: float = 0.0
 
     def __post_init__(self) -> None:
         """Betas as a tuple, however given (a YAML list, a checkpoint's list)."""
@@ -66,6 +70,8 @@ class FirstStageTraining:
     def check(self, spatial_size: int, downsample_levels: int) -> None:
         """Raise on settings that cannot train a first stage of this size."""
         factor = 2 ** downsample_levels
+        if self.lesion_l1_weight < 0:
+            raise ValueError(f"training.lesion_l1_weight must be >= 0 (0: the plain L1), got {self.lesion_l1_weight}")
         for key, value in (("spatial_size", spatial_size), ("train_crop_size", self.train_crop_size)):
             if value is not None and (value % factor or value <= 0):
                 raise ValueError(f"{key}={value} must be a positive multiple of 2^downsample_levels = {factor}")

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from datamodules import TemplateCohortDataModule
 from lightning_modules.first_stage.base import FirstStageModule
 from lightning_modules.first_stage.kl import KLAutoencoderModule
+from lightning_modules.first_stage.losses import random_cubes
 from lightning_modules.first_stage.vqgan import AutoencoderModule
 from msrl.cli import main
 from tests.conftest import MSRL, REPO, cli_data_args, subprocess_env, tiny_training
@@ -180,6 +181,39 @@ def test_every_option_trains_in_bf16_and_reloads(model_class: type[AutoencoderMo
     loaded = FirstStageModule.from_msrl_checkpoint(tmp_path / "model.ckpt")
     assert type(loaded) is model_class and loaded.latent_shape == (4, 4, 4, 4)
     assert loaded.decode_latent(loaded.encode_latent(torch.zeros(1, 1, 16, 16, 16))).shape == (1, 1, 16, 16, 16)
+
+
+def test_lesion_weighted_l1_crops_the_labels_with_their_volume(cohort_cache: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_modules.first_stage.base as base
+    from lightning_modules.first_stage.losses import lesion_mask, weighted_l1
+
+    crops = []
+
+    def recording_cubes(volumes: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
+        crops.append((volumes, random_cubes(volumes, size, multiple)))
+        return crops[-1][1]
+
+    monkeypatch.setattr(base, "random_cubes", recording_cubes)
+    torch.manual_seed(0)
+    model = AutoencoderModule(**TINY, training=tiny_training(adversarial_start_step=10, train_crop_size=12,
+                                                             lesion_l1_weight=5.0))
+    _trainer(max_steps=3).fit(model, _data(cohort_cache))
+    whole, cube = crops[0]
+    assert whole.shape[1] == 2 and cube.shape[1:] == (2, 12, 12, 12)  # image + lesion mask, cut at one corner
+    assert set(whole[:, 1].unique().tolist()) <= {0.0, 1.0} and whole[:, 1].sum() > 0  # the cohort has lesions
+    assert torch.isfinite(torch.stack([p.detach().sum() for p in model.parameters()])).all()
+    # the weighted mean: equal weights give the plain L1, a heavier lesion voxel pulls the mean to its error
+    x, y = torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)
+    y[0, 0, 0, 0, 0] = 1.0
+    assert weighted_l1(x, y, torch.ones(1, 1, 2, 2, 2)) == pytest.approx(1 / 8)
+    heavy = torch.ones(1, 1, 2, 2, 2)
+    heavy[0, 0, 0, 0, 0] = 8.0
+    assert weighted_l1(x, y, heavy) == pytest.approx(8 / 15)
+    with pytest.raises(ValueError, match="training.lesion_l1_weight=2.0 needs lesion labels"):
+        lesion_mask({"image": x}, 2.0, "model.init_args.training.lesion_l1_weight")
+    with pytest.raises(ValueError, match="lesion_l1_weight must be >= 0"):
+        AutoencoderModule(**TINY, training=tiny_training(lesion_l1_weight=-1.0))
 
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
