@@ -22,7 +22,7 @@ from lightning_modules.diffusion.noise_schedules import default_noise_scheduler,
 from lightning_modules.diffusion.optim import warmup_cosine_schedule
 from lightning_modules.diffusion.sampling import ddim_from_training_schedule, sample
 from lightning_modules.diffusion.speed import apply_speed_options, to_channels_last
-from lightning_modules.first_stage.losses import lesion_mask
+from lightning_modules.first_stage.losses import lesion_mask, weighted_mean
 from lightning_modules.visualize import slice_grid
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ class DiffusionModule(L.LightningModule):
         prediction = self(noisy, timesteps, labels)
         if weights is None:
             return F.mse_loss(prediction.float(), target.float())
-        squared = (prediction.float() - target.float()).square()
-        return (squared * weights).sum() / (weights.sum() * squared.shape[1])
+        return weighted_mean((prediction.float() - target.float()).square(), weights)
 
     def lesion_weights(self, batch: dict[str, Any], grid: tuple[int, ...]) -> torch.Tensor | None:
         """1 + `lesion_loss_weight` where the batch's lesion labels reach a position of `grid`, else 1 (None if 0)."""

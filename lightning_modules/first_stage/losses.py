@@ -187,10 +187,14 @@ def lesion_mask(batch: dict[str, Any], weight: float, key: str) -> torch.Tensor 
     return batch["seg"] > 0
 
 
-def weighted_l1(reconstruction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ w·|x̂ − x| / Σ w over volumes [B, C, S, S, S], weights [B, 1, S, S, S] shared by the channels."""
-    errors = (reconstruction.float() - target.float()).abs()
+def weighted_mean(errors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·e / Σ w over errors [B, C, *spatial], weights [B, 1, *spatial] shared by the channels."""
     return (errors * weights).sum() / (weights.sum() * errors.shape[1])
+
+
+def weighted_l1(reconstruction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`weighted_mean` of |x̂ − x| over volumes [B, C, S, S, S]."""
+    return weighted_mean((reconstruction.float() - target.float()).abs(), weights)
 
 
 def constructor_arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
