@@ -186,9 +186,10 @@ class EvaluationRun:
         runs = self.protocol.runs(train_sets, self.test, self.data.num_classes)
         return self._utility_rows(runs, len(train_sets[0].labels), train_set)
 
-    def _utility_rows(self, runs: list[dict[str, float]], num_train: int, train_set: str) -> list[dict[str, Any]]:
+    def _utility_rows(self, runs: list[dict[str, Any]], num_train: int, train_set: str) -> list[dict[str, Any]]:
         results = {name: mean_t_ci([run[name] for run in runs]) for name in UTILITY_METRICS}
-        return utility_records(results, runs, len(self.test.labels), num_train, train_set, self.protocol.seeds)
+        return utility_records(results, runs, len(self.test.labels), num_train, train_set, self.protocol.seeds,
+                               test_labels=self.test.labels.tolist())
 
     def _fidelity(self, volumes: LabelledVolumes) -> list[dict[str, Any]]:
         return fidelity_records(self.classifiers, volumes, self.protocol.seeds, len(self.train.labels),

@@ -3,8 +3,10 @@
 Two checkpoints sampled with the same seeds and the same sampler are paired volume by volume (the
 same starting noise). A paired bootstrap draws one set of volume indices for both and an independent
 resample of the real reference, so the interval of the difference is much narrower than the
-difference of two independent intervals (docs/design.md §5). Utility pairs classifier seeds (and
-synthetic draws) with a t-interval; rewards and class fidelity pair volumes.
+difference of two independent intervals (docs/design.md §5). Utility accuracy and balanced accuracy
+pair test volumes and classifier seeds (a bootstrap over the held-out test volumes, averaged over
+seeds); utility AUROC pairs classifier seeds (and synthetic draws) with a t-interval; rewards and
+class fidelity pair volumes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import Any
 import torch
 
 from msrl.evaluation.metrics import fid_from_samples, mmd, polynomial_kernel, unbiased_mmd2
-from msrl.evaluation.paired import PairedEstimate, paired_bootstrap, paired_per_volume, paired_seeds
+from msrl.evaluation.paired import (
+    PairedEstimate,
+    paired_bootstrap,
+    paired_per_volume,
+    paired_seeds,
+    paired_test_volumes,
+)
 from msrl.evaluation.scores import FeatureCache, Features, class_subsets, main_view, select_rows
 
 HIGHER_IS_BETTER_PREFIXES = ("utility/", "reward_raw/", "class_fidelity/")
@@ -66,7 +74,14 @@ def paired_distribution(cache: FeatureCache, baseline: Features, candidate: Feat
 
 def paired_records(baseline: list[dict[str, Any]], candidate: list[dict[str, Any]], num_resamples: int,
                    seed: int) -> list[dict[str, Any]]:
-    """Differences of the per-volume and per-seed records both entries have (rewards, class fidelity, utility)."""
+    """Differences of the per-volume and per-seed records both entries have (rewards, class fidelity, utility).
+
+    Utility accuracy and balanced accuracy with each test volume's prediction get a paired bootstrap
+    over the test volumes, averaged over classifier seeds (`paired_test_volumes`, one seed or
+    several): a discrete measure differs only beyond the test volumes' sampling. Utility AUROC, and
+    rows of metrics.json files written without predictions, keep the t-interval over classifier
+    seeds (two or more seeds; one seed gives no comparison).
+    """
     rows = []
     by_key = {_key(row): row for row in baseline}
     for row in candidate:
@@ -74,7 +89,11 @@ def paired_records(baseline: list[dict[str, Any]], candidate: list[dict[str, Any
         if other is None:
             continue
         lower = not row["metric"].startswith(HIGHER_IS_BETTER_PREFIXES)
-        if "per_seed" in row and len(row["per_seed"]) >= 2:
+        if "per_test_volume" in row and "per_test_volume" in other:
+            estimate = paired_utility(other, row, num_resamples, seed)
+            fields = {"num_volumes": len(row["test_labels"]), "num_seeds": len(row["per_test_volume"]),
+                      "train_set": row.get("train_set")}
+        elif "per_seed" in row and len(row["per_seed"]) >= 2:
             estimate = paired_seeds(other["per_seed"], row["per_seed"], lower_is_better=lower)
             fields = {"num_seeds": len(row["per_seed"]), "train_set": row.get("train_set")}
         elif isinstance(row.get("per_volume"), list) and len(row["per_volume"]) >= 2:
@@ -86,6 +105,27 @@ def paired_records(baseline: list[dict[str, Any]], candidate: list[dict[str, Any
         rows.append(comparison_record(row["metric"], estimate, extractor=row.get("extractor"), view=row["view"],
                                       **{"class": row["class"]}, **fields))
     return rows
+
+
+def paired_utility(baseline: dict[str, Any], candidate: dict[str, Any], num_resamples: int,
+                   seed: int) -> PairedEstimate:
+    """Candidate − baseline of a utility accuracy row, bootstrapping test volumes (see `paired_test_volumes`).
+
+    Both rows must hold the same test labels and classifier seeds: the pairing is volume i and seed s.
+    """
+    where = f"{candidate['metric']} ({candidate.get('train_set')})"
+    if baseline["test_labels"] != candidate["test_labels"]:
+        raise ValueError(f"{where}: the two sources were tested on different test volumes; a paired comparison "
+                         "needs the same test split in the same order")
+    if baseline.get("seeds") != candidate.get("seeds"):
+        raise ValueError(f"{where}: classifier seeds differ ({baseline.get('seeds')} vs {candidate.get('seeds')}); "
+                         "a paired comparison needs the same utility seeds")
+    balanced = {"utility/accuracy": False, "utility/balanced_accuracy": True}.get(candidate["metric"])
+    if balanced is None:
+        raise ValueError(f"{where}: per-test-volume predictions give accuracy or balanced accuracy, not "
+                         f"{candidate['metric']}")
+    return paired_test_volumes(candidate["test_labels"], baseline["per_test_volume"], candidate["per_test_volume"],
+                               balanced=balanced, num_resamples=num_resamples, seed=seed)
 
 
 def beyond_interval(comparison: dict[str, Any]) -> list[str]:

@@ -113,15 +113,67 @@ def paired_per_volume(values_a: Values, values_b: Values, *, lower_is_better: bo
 
 
 def paired_seeds(values_a: Values, values_b: Values, *, lower_is_better: bool) -> PairedEstimate:
-    """Mean of per-seed differences b_s − a_s (utility over classifier seeds) with a paired t interval.
+    """Mean of per-seed differences b_s − a_s with a paired t interval (e.g. over the seeds of a study).
 
-    With 2–5 seeds a bootstrap has too few values; the interval is mean ± t₀.₉₇₅,ₙ₋₁ · sd / √n
-    (`mean_t_ci`) of the differences. One seed gives a NaN interval and "no difference".
+    Utility comparisons use `paired_test_volumes` (seeds and test volumes); this one remains for
+    AUROC and for metrics.json files written before per-test-volume predictions were kept. With 2–5
+    seeds a bootstrap has too few values; the interval is mean ± t₀.₉₇₅,ₙ₋₁ · sd / √n (`mean_t_ci`) of
+    the differences. One seed gives a NaN interval and "no difference".
     """
     a, b = _paired_arrays(values_a, values_b, minimum=1)
     estimate = mean_t_ci(b - a)
     return PairedEstimate(estimate.value, estimate.ci95, verdict(estimate.ci95, lower_is_better),
                           float(a.mean()), float(b.mean()), lower_is_better)
+
+
+def paired_test_volumes(labels: Values, predicted_a: Values, predicted_b: Values, *, balanced: bool,
+                        num_resamples: int = 1000, seed: int = 0) -> PairedEstimate:
+    """Accuracy (or balanced accuracy) of classifiers b − a on the same test volumes, with a bootstrap over them.
+
+    Utility is a discrete measure on a few dozen held-out volumes: one volume is worth 1/N, and an
+    interval over classifier seeds alone (`paired_seeds`) calls that a difference when the seeds
+    agree, or gives none at one seed. Each resample draws test-volume indices, the same for a and b,
+    stratified by class (as many volumes of each class as the test split has, so balanced accuracy
+    always has every class and the split's composition stays fixed), and averages each source's
+    score over its classifier seeds, so both seeds and test volumes count. The interval is the plain
+    2.5–97.5 percentile interval: a (class-)mean is unbiased under this resampling, and the bias shift
+    of `bias_corrected_interval` would move a boundary lying at exactly 0 off 0 by Monte-Carlo noise.
+
+    Args:
+        labels: true class of each test volume [N].
+        predicted_a: predicted class per classifier seed and test volume of source a [S, N].
+        predicted_b: the same for source b [S, N], seed s and volume i as a's.
+        balanced: balanced accuracy (mean recall over the classes present) instead of accuracy.
+        num_resamples: bootstrap resamples.
+        seed: seed of the resampling.
+    """
+    truth = np.asarray(labels, dtype=np.int64)
+    a, b = np.asarray(predicted_a, dtype=np.int64), np.asarray(predicted_b, dtype=np.int64)
+    if truth.ndim != 1 or a.ndim != 2 or a.shape != b.shape or a.shape[1] != len(truth) or len(truth) < 2:
+        raise ValueError(f"paired test volumes need labels [N] and predictions [S, N] of the same shape for both "
+                         f"sources, got {truth.shape}, {a.shape} and {b.shape}")
+    order = np.argsort(truth, kind="stable")  # class blocks: each resample keeps every class's count
+    counts = np.unique(truth, return_counts=True)[1]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rng = np.random.default_rng(seed)
+    draws = np.concatenate([order[start + rng.integers(0, count, (num_resamples, count))]
+                            for start, count in zip(starts[:-1], counts, strict=True)], axis=1)  # [R, N]
+    blocks = [slice(start, end) for start, end in zip(starts[:-1], starts[1:], strict=True)]
+    correct_a, correct_b = (a == truth).astype(np.float64), (b == truth).astype(np.float64)
+    value_a = _seed_mean_score(correct_a[:, order], blocks, balanced)
+    value_b = _seed_mean_score(correct_b[:, order], blocks, balanced)
+    differences = (_seed_mean_score(correct_b[:, draws], blocks, balanced)
+                   - _seed_mean_score(correct_a[:, draws], blocks, balanced))
+    interval = (float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5)))
+    return PairedEstimate(float(value_b - value_a), interval, verdict(interval, lower_is_better=False),
+                          float(value_a), float(value_b), False)
+
+
+def _seed_mean_score(correct: np.ndarray, blocks: list[slice], balanced: bool) -> np.ndarray:
+    """Accuracy of `correct` [S, ..., N] (volumes sorted by class, `blocks` per class), averaged over seeds (axis 0)."""
+    if balanced:
+        return np.stack([correct[..., block].mean(-1) for block in blocks], -1).mean(-1).mean(0)
+    return correct.mean(-1).mean(0)
 
 
 def _paired_arrays(values_a: Values, values_b: Values, minimum: int) -> tuple[np.ndarray, np.ndarray]:

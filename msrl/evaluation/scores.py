@@ -27,7 +27,7 @@ from msrl.evaluation.metrics import (
     mmd,
     ms_ssim_diversity,
 )
-from msrl.evaluation.utility import LabelledVolumes
+from msrl.evaluation.utility import PREDICTION_METRICS, LabelledVolumes
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,26 @@ def diversity_records(volumes: torch.Tensor, num_pairs: int = 32, seed: int = 0)
                    num_generated=len(volumes), num_pairs=num_pairs)]
 
 
-def utility_records(results: dict[str, Estimate], per_seed: list[dict[str, float]], num_test: int,
-                    num_train: int, train_set: str, seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """Accuracy, balanced accuracy and AUROC on held-out real volumes: mean, t-interval over seeds, per seed."""
-    return [record(f"utility/{name}", estimate, extractor=None, view="3d", train_set=train_set,
-                   **{"class": "all"}, num_real=num_test, num_generated=num_train, seeds=list(seeds),
-                   per_seed=[run[name] for run in per_seed])
-            for name, estimate in results.items()]
+def utility_records(results: dict[str, Estimate], per_seed: list[dict[str, Any]], num_test: int,
+                    num_train: int, train_set: str, seeds: Sequence[int],
+                    test_labels: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Accuracy, balanced accuracy and AUROC on held-out real volumes: mean, t-interval over seeds, per seed.
+
+    Where the runs carry each test volume's predicted class (`UtilityProtocol.test`) and the test
+    labels are given, the accuracy and balanced-accuracy rows also keep `test_labels` and
+    `per_test_volume` (predicted class per seed and test volume, in test-split order): a comparison
+    of two sources then resamples test volumes (`paired_test_volumes`), not only seeds.
+    """
+    rows = []
+    for name, estimate in results.items():
+        fields: dict[str, Any] = {}
+        if name in PREDICTION_METRICS and test_labels is not None and all("predicted" in run for run in per_seed):
+            fields = {"test_labels": [int(v) for v in test_labels],
+                      "per_test_volume": [[int(v) for v in run["predicted"]] for run in per_seed]}
+        rows.append(record(f"utility/{name}", estimate, extractor=None, view="3d", train_set=train_set,
+                           **{"class": "all"}, num_real=num_test, num_generated=num_train, seeds=list(seeds),
+                           per_seed=[run[name] for run in per_seed], **fields))
+    return rows
 
 
 def reward_records(scores: dict[str, torch.Tensor], seed: int = 0) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ The paper's second claim (docs/design.md §5): synthetic volumes are useful when
 on them (alone, or added to the real ones) does well on real volumes it has never seen. Each
 training set is trained with several seeds (and, for synthetic data, optionally one independent
 draw per seed) and reported as mean, std and a t-quantile 95 % interval over the seeds of accuracy,
-balanced accuracy and AUROC (torchmetrics); `runs` keeps the per-seed values for paired comparisons.
+balanced accuracy and AUROC (torchmetrics); `runs` keeps the per-seed values, and each test volume's
+predicted class per seed, for paired comparisons.
 
 The classifier (`UtilityNet`) shares nothing with the reward classifier (`PooledConvNet` in
 lightning_modules/critics/networks.py): other blocks (MONAI residual units), other normalisation
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from lightning_modules.critics.networks import random_flips
 from msrl.evaluation.metrics import Estimate, mean_t_ci
 
 UTILITY_METRICS = ("accuracy", "balanced_accuracy", "auroc")
+PREDICTION_METRICS = ("accuracy", "balanced_accuracy")  # computable from each test volume's predicted class
 
 
 @dataclass
@@ -141,14 +144,20 @@ class UtilityProtocol:
         return network.eval()
 
     @torch.no_grad()
-    def test(self, network: nn.Module, test: LabelledVolumes, num_classes: int) -> dict[str, float]:
-        """Accuracy, balanced accuracy (macro recall) and AUROC on the held-out real volumes."""
+    def test(self, network: nn.Module, test: LabelledVolumes, num_classes: int) -> dict[str, Any]:
+        """Accuracy, balanced accuracy (macro recall) and AUROC on the held-out real volumes, and each one's prediction.
+
+        `predicted` is the predicted class of every test volume in the test split's order: a
+        comparison of two sources resamples the test volumes (`paired_test_volumes`), which the three
+        summary numbers alone cannot.
+        """
         logits = torch.cat([network(test.volumes[i : i + self.batch_size].float())
                             for i in range(0, len(test.labels), self.batch_size)])
         return {
             "accuracy": float(multiclass_accuracy(logits, test.labels, num_classes, average="micro")),
             "balanced_accuracy": float(multiclass_accuracy(logits, test.labels, num_classes, average="macro")),
             "auroc": float(multiclass_auroc(logits, test.labels, num_classes)),
+            "predicted": logits.argmax(1).tolist(),
         }
 
     def classifiers(self, train: LabelledVolumes | Sequence[LabelledVolumes], num_classes: int) -> list[UtilityNet]:
@@ -166,8 +175,8 @@ class UtilityProtocol:
         return [self.train(data, num_classes, seed) for data, seed in zip(sets, self.seeds, strict=True)]
 
     def runs(self, train: LabelledVolumes | Sequence[LabelledVolumes], test: LabelledVolumes,
-             num_classes: int) -> list[dict[str, float]]:
-        """The metrics of one classifier per seed (see `classifiers`) on the held-out real volumes `test`."""
+             num_classes: int) -> list[dict[str, Any]]:
+        """The metrics and predictions (see `test`) of one classifier per seed (`classifiers`) on held-out `test`."""
         return [self.test(network, test, num_classes) for network in self.classifiers(train, num_classes)]
 
     def evaluate(self, train: LabelledVolumes | Sequence[LabelledVolumes], test: LabelledVolumes,
@@ -176,7 +185,7 @@ class UtilityProtocol:
         return summarise(self.runs(train, test, num_classes))
 
 
-def summarise(runs: Sequence[dict[str, float]]) -> dict[str, Estimate]:
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Estimate]:
     """Mean, std and t-quantile 95 % interval over the runs of each utility metric."""
     if not runs:
         raise ValueError("no utility runs to summarise: the protocol needs at least one seed")

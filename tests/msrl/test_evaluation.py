@@ -221,6 +221,14 @@ def test_evaluate_pairs_checkpoints_at_both_samplers_and_scores_the_trained_rewa
     synthetic = next(r for r in result["entries"][0]["records"] if r["metric"] == "utility/auroc"
                      and r["train_set"] == "synthetic")
     assert len(synthetic["per_seed"]) == 2
+    # accuracy rows keep each held-out test volume's prediction per seed; the comparison resamples those volumes
+    balanced = next(r for r in result["entries"][0]["records"] if r["metric"] == "utility/balanced_accuracy"
+                    and r["train_set"] == "synthetic")
+    num_test = len(balanced["test_labels"])
+    assert num_test == balanced["num_real"] and [len(p) for p in balanced["per_test_volume"]] == [num_test] * 2
+    paired_utility = next(r for r in result["comparisons"][0]["records"] if r["metric"] == "utility/balanced_accuracy"
+                          and r["train_set"] == "synthetic")
+    assert paired_utility["num_volumes"] == num_test and paired_utility["num_seeds"] == 2
     # paired: fine − pre at each sampler, every distribution metric per extractor, reward and utility
     assert [(c["candidate"], c["baseline"]) for c in result["comparisons"]] == [
         ("fine", "pre"), ("fine [ddim4-eta1]", "pre [ddim4-eta1]")]

@@ -40,8 +40,13 @@ def test_utility_classifier_is_not_the_reward_network() -> None:
 def test_protocol_learns_a_focal_lesion_and_reports_per_seed_runs() -> None:
     protocol = UtilityProtocol(**TINY, seeds=(0, 1))
     runs = protocol.runs(_blobs(40, seed=0), _blobs(24, seed=1), num_classes=2)
-    assert len(runs) == 2 and all(set(run) == {"accuracy", "balanced_accuracy", "auroc"} for run in runs)
+    assert len(runs) == 2 and all(set(run) == {"accuracy", "balanced_accuracy", "auroc", "predicted"} for run in runs)
     assert all(run["balanced_accuracy"] >= 0.9 for run in runs), runs
+    labels = _blobs(24, seed=1).labels.tolist()
+    for run in runs:  # each test volume's predicted class, in test order: the accuracy follows from it
+        assert len(run["predicted"]) == 24
+        right = sum(p == y for p, y in zip(run["predicted"], labels, strict=True))
+        assert run["accuracy"] == pytest.approx(right / 24)
 
 
 def test_batch_norm_statistics_are_those_of_the_training_volumes() -> None:
