@@ -15,7 +15,7 @@ DEMO_PROGRESS=${DEMO_PROGRESS:-false}
 source scripts/models.sh
 train_models
 
-stage "5/5 msrl study: PPO arms × seeds, paired evaluations, results"
+stage "5/5 msrl study: fine-tuning arms × seeds, paired evaluations, results"
 # configs/study/template.yaml names study_out/models/…; another STUDY_OUT is passed on here
 msrl study -c configs/study/template.yaml --out "$STUDY_OUT" --pretrained "$pretrained" \
   --reward "$OUT/multiscale.yaml" --evaluate_config "$OUT/evaluate.yaml"

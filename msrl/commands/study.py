@@ -1,5 +1,6 @@
-"""`msrl study`: the paper's experiment — PPO arms that differ only in the reward, over seeds, each evaluated
-paired against the pretrained model — then results.md/.json and figures over whatever has finished.
+"""`msrl study`: the paper's experiment — fine-tuning arms (PPO or reward backpropagation) that differ in the reward
+or the algorithm, over seeds, each evaluated paired against the pretrained model — then results.md/.json and
+figures over whatever has finished, with the pre-registered claims decided.
 
 On a workstation every unit runs one after another; on a cluster `scripts/slurm/study.sbatch` runs one
 unit per array task (`--unit $SLURM_ARRAY_TASK_ID`) and a last `--aggregate-only` writes the results.
@@ -22,16 +23,18 @@ from msrl.study.runner import run_units
 
 def build_parser() -> ArgumentParser:
     """Options of `msrl study` (a study YAML given with -c holds the plan)."""
-    parser = command_parser("msrl study", "Reward-ablation arms x seeds: PPO runs and paired evaluations.")
+    parser = command_parser("msrl study", "Arms x seeds: fine-tuning runs and paired evaluations.")
     parser.add_argument("--pretrained", type=str, required=True, help="the pretrained checkpoint every arm starts from")
     parser.add_argument("--reward", type=str, required=True, help="the full reward YAML (named components)")
     parser.add_argument("--arms", type=list[Arm], required=True,
-                        help="[{name, components}]: the reward components each arm keeps (null: all)")
-    parser.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="study seeds (PPO and evaluation)")
+                        help="[{name, components, finetune_configs, finetune_args}]: the reward components each arm "
+                        "keeps (null: all), its own msrl finetune -c files (null: the shared ones) and options")
+    parser.add_argument("--seeds", type=list[int], default=[0, 1, 2],
+                        help="study seeds (fine-tuning and evaluation)")
     parser.add_argument("--finetune-configs", "--finetune_configs", type=list[str], required=True,
-                        help="msrl finetune -c files shared by every arm")
+                        help="msrl finetune -c files of every arm that names none of its own")
     parser.add_argument("--finetune-args", "--finetune_args", type=list[str], default=[],
-                        help="further msrl finetune options shared by every arm")
+                        help="further msrl finetune options shared by every arm (before the arm's own)")
     parser.add_argument("--evaluate-config", "--evaluate_config", type=str, required=True,
                         help="msrl evaluate -c file (fixed before any tuning)")
     parser.add_argument("--evaluate-args", "--evaluate_args", type=list[str], default=[],
@@ -40,6 +43,8 @@ def build_parser() -> ArgumentParser:
                         help="the evaluation's sampling seed at study seed 0 (seed s: this + s)")
     parser.add_argument("--primary", type=dict[str, Any], default=dict(PRIMARY),
                         help="the pre-registered primary metric {metric, extractor, class, sampler}")
+    parser.add_argument("--claims", type=dict[str, Any], default={},
+                        help="the pre-registered claims' arms {multiscale: ARM, single_scale: [ARM, ...], versus: ARM}")
     parser.add_argument("--out", type=str, required=True, help="the study folder (units/, results.md, figures/)")
     parser.add_argument("--unit", type=int | None, default=None,
                         help="run only this unit (0-based, arm-major; a SLURM array task id), no results")
@@ -59,7 +64,7 @@ def main(argv: list[str]) -> None:
     plan = StudyPlan(pretrained=args.pretrained, reward=args.reward, arms=list(args.arms), seeds=list(args.seeds),
                      finetune_configs=list(args.finetune_configs), evaluate_config=args.evaluate_config,
                      finetune_args=list(args.finetune_args), evaluate_args=list(args.evaluate_args),
-                     evaluation_seed=args.evaluation_seed, primary=dict(args.primary))
+                     evaluation_seed=args.evaluation_seed, primary=dict(args.primary), claims=dict(args.claims))
     out = Path(args.out)
     units = plan.units(out)
     if args.list:

@@ -1,7 +1,7 @@
-"""`msrl study`: reward-ablation arms × seeds against one pretrained model, aggregated into the paper's table.
+"""`msrl study`: arms (reward ablations, fine-tuning algorithms) × seeds against one pretrained model, aggregated.
 
 The plan (msrl/study/plan.py) names the arms, seeds and inputs; the runner (msrl/study/runner.py) runs each
-unit (a PPO run and its paired evaluation) once, as subprocesses, resumable.
+unit (a fine-tuning run and its paired evaluation) once, as subprocesses, resumable.
 
 The aggregation reads the finished units of a study folder (layout in msrl/study/aggregate.py),
 computes every number over seeds with its paired difference to the pretrained model, decides the

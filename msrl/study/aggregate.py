@@ -2,17 +2,20 @@
 
 The study folder (the contract between the study's runner and this module):
 
-    DIR/study.json      the plan: {"arms": [{"name": "slice2d", "components": ["slice2d"]}, …],
+    DIR/study.json      the plan: {"arms": [{"name": "slice2d", "components": ["slice2d"], "finetune_configs":
+                        [FILE, …], "model": "lightning_modules.PPOFinetuneModule"}, …] (model: the fine-tuner
+                        the arm's configs build; older plans lack it),
                         "seeds": [0, 1, 2], "primary": {"metric": "fid", "extractor": NAME or null (the
                         evaluation's first), "class": "all", "sampler": LABEL or null (the evaluation's)}, …};
                         components null: every component (the full reward). Optionally "claims":
-                        {"multiscale": ARM, "single_scale": [ARM, …]} (default: single-scale arms have one
-                        component, the multi-scale arm exactly their union). The pretrained model is the arm
-                        "pretrained": it has no units of its own.
-    DIR/units/<arm>/seed_<s>/unit.json       written last, atomically, when the unit (PPO run + evaluation)
+                        {"multiscale": ARM, "single_scale": [ARM, …], "versus": ARM} (default: single-scale arms
+                        have one component, the multi-scale arm exactly their union; no versus claim without
+                        "versus"). The pretrained model is the arm "pretrained": it has no units of its own.
+    DIR/units/<arm>/seed_<s>/unit.json       written last, atomically, when the unit (fine-tuning + evaluation)
                         finished: {"arm", "seed", "status": "done", "seconds": {"finetune", "evaluate"}, "checkpoint"}
-    DIR/units/<arm>/seed_<s>/finetune/version_0/     the PPO run's TensorBoard events (ppo/reward_raw/total,
-                        ppo/reward_raw/<component>, ppo/heldout_fid, ppo/iteration, …)
+    DIR/units/<arm>/seed_<s>/finetune/version_0/     the fine-tuning run's TensorBoard events under its
+                        algorithm's prefix P (ppo/ or backprop/): P/reward_raw/total, P/reward_raw/<component>,
+                        P/heldout_fid, P/iteration, …
     DIR/units/<arm>/seed_<s>/evaluation/metrics.json   `msrl evaluate` (schema 2) with the sources "pretrained"
                         (the baseline) and "<arm>", sampled with the same seeds (paired); the evaluation seed
                         differs per study seed.
@@ -48,6 +51,7 @@ from msrl.study.units import (
     BASELINE,
     ROW_FIELDS,
     FinishedUnit,
+    arm_algorithm,
     collect_units,
     lower_is_better,
     read_plan,
@@ -155,6 +159,7 @@ def study_info(plan: dict[str, Any], units: list[FinishedUnit]) -> dict[str, Any
     """Arms, seeds and the primary row (extractor, view, class, reference, evaluation sampler) of the table."""
     info: dict[str, Any] = {"arms": [a["name"] for a in plan["arms"] if a["name"] != BASELINE],
                             "components": {a["name"]: a.get("components") for a in plan["arms"]},
+                            "algorithms": {a["name"]: arm_algorithm(a) for a in plan["arms"]},
                             "seeds": list(plan["seeds"]), "claims": plan.get("claims"),
                             "plan": {k: v for k, v in plan.items() if k not in ("arms", "seeds", "claims")}}
     evaluation = units[0].evaluation if units else {}
@@ -199,7 +204,12 @@ def aggregate_study(out_dir: Path) -> dict[str, Any]:
     arms = {}
     for arm in trained_arms(plan):
         units = [unit for unit in finished if unit.arm == arm]
-        arms[arm] = {"components": next(a.get("components") for a in plan["arms"] if a["name"] == arm),
+        entry = next(a for a in plan["arms"] if a["name"] == arm)
+        seconds = [unit.info["seconds"]["finetune"] for unit in units
+                   if isinstance((unit.info.get("seconds") or {}).get("finetune"), int | float)]
+        arms[arm] = {"components": entry.get("components"), "algorithm": arm_algorithm(entry),
+                     "finetune_configs": entry.get("finetune_configs"),
+                     "finetune_seconds": sum(seconds) / len(seconds) if seconds else None,
                      "seeds_finished": [unit.seed for unit in units], "rows": arm_rows(units)}
     return {
         "study": study_info(plan, finished),

@@ -1,18 +1,30 @@
-"""The study's claims (issue #17, point 4), decided mechanically from the aggregated numbers.
+"""The study's pre-registered claims (issue #17, point 4), decided mechanically from the aggregated numbers.
+
+The arms they name are written in the study config's `claims` before any unit runs (study.json keeps
+them, so a rerun with other claims is refused): `multiscale`, `single_scale` and `versus`.
 
 1. The multi-scale arm beats the pretrained model on the primary held-out FID beyond the paired 95 %
    interval in at least 2 of 3 seeds (⌈2n/3⌉ of n planned seeds).
 2. It worsens no other FID beyond its interval: no paired FID row (every extractor's main view and
    class against the held-out split, evaluation sampler) is worse beyond its paired interval in
    ⌈2n/3⌉ seeds, nor beyond its t-interval over seeds.
-3. It raises synthetic-data utility: the mean paired difference of balanced accuracy (classifiers
-   trained on synthetic volumes) over seeds is above 0 with its whole 95 % t-interval.
+3. It raises synthetic-data utility: balanced accuracy (classifiers trained on synthetic volumes) is
+   better than pretrained's beyond the evaluation's per-seed paired interval (over test volumes) in
+   ⌈2n/3⌉ seeds. Not from a t-interval over seeds of per-seed point differences: with one classifier
+   per seed those can agree exactly (one test volume flipped in every seed gave [+0.0156, +0.0156]).
+   A per-seed interval of zero width is no evidence and does not count; without per-seed intervals
+   the claim is not evaluable.
 4. It is at least as good as the better single-scale arm on the primary FID: its mean over seeds is
    no higher than that arm's (the better one has the lower mean), on the same seeds.
+5. It raises class-1 class fidelity (the real-trained classifier calls a lesion-class volume class 1)
+   beyond the per-seed paired interval over volumes in ⌈2n/3⌉ seeds.
+6. It beats the other algorithm's multi-scale arm (`versus`) on the primary FID: its mean over the
+   common seeds is lower (as claim 4); the paired interval over seeds and both arms' mean
+   fine-tuning seconds are stated, so a reader sees whether the time was equal.
 
 Each claim "holds", "does not hold" or is "not evaluable" (units missing or rows absent), with
-the numbers it was decided on. Claims 2–4 are decided only when every planned seed of the arms they
-involve has finished (claims 1 and 2 fail early once missing seeds can no longer save them).
+the numbers it was decided on. Claims 2, 4 and 6 are decided only when every planned seed of the arms
+they involve has finished (claims 1, 3 and 5 are decided early once the finished seeds settle them).
 """
 
 from __future__ import annotations
@@ -20,14 +32,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from msrl.evaluation.fidelity import FIDELITY_METRIC
 from msrl.evaluation.paired import paired_seeds
-from msrl.study.units import find_row, row_sampler
+from msrl.study.units import algorithm_name, find_row, row_sampler
 
 HOLDS, FAILS, OPEN = "holds", "does not hold", "not evaluable"
 
 
 def roles(study: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """The multi-scale arm and the single-scale arms: from study.json "claims", else from the components."""
+    """The multi-scale arm and the single-scale arms: from study.json "claims", else from the components
+    (the `versus` arm, never guessed, is read by `evaluate_claims`)."""
     given = study.get("claims") or {}
     components = {arm: study["components"].get(arm) for arm in study["arms"]}  # None: every component (full)
     singles = given.get("single_scale") or [arm for arm, parts in components.items()
@@ -121,20 +135,48 @@ def other_fid_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
                  worse=[{k: r[k] for k in ("extractor", "view", "class")} for r in worse])
 
 
-def utility_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
-    """Claim 3: the mean paired difference of synthetic balanced accuracy is above 0 with its interval."""
+def per_seed_claim(results: dict[str, Any], arm: str, name: str, text: str, fields: dict[str, Any],
+                   what: str) -> dict[str, Any]:
+    """A claim decided by the evaluation's per-seed paired intervals: better beyond a (non-degenerate)
+    per-seed 95 % interval in ⌈2n/3⌉ of n planned seeds; "not evaluable" without per-seed intervals."""
     seeds = results["study"]["seeds"]
-    fields = {"metric": "utility/balanced_accuracy", "train_set": "synthetic"}
-    text = f"{arm} raises synthetic-data utility (balanced accuracy, trained on synthetic, tested on held-out real)"
     row = find_row(results["arms"][arm]["rows"], **fields, sampler=row_sampler(results, **fields))
     if row is None or "paired" not in row:
-        return claim("utility", text, OPEN, f"no finished unit of {arm} has synthetic utility")
+        return claim(name, text, OPEN, f"no finished unit of {arm} has {what}")
     paired = row["paired"]
-    detail = f"{arm} − pretrained balanced accuracy: {difference_text(paired)}"
-    if paired["num_seeds"] < len(seeds) or paired["ci95"] is None:
-        return claim("utility", text, OPEN, f"{paired['num_seeds']} of {len(seeds)} seeds finished; {detail}")
-    status = HOLDS if paired["ci95"][0] > 0 else FAILS
-    return claim("utility", text, status, detail, mean=paired["mean"], ci95=paired["ci95"], seeds=paired["seeds"])
+    detail = f"{arm} − pretrained: {difference_text(paired)}"
+    intervals = [p for p in paired["per_seed"] if p["ci95"] is not None]
+    if not intervals:
+        return claim(name, text, OPEN, f"the evaluation gave no per-seed interval of {what} (only point "
+                     f"differences, which decide nothing); {detail}", seeds=paired["seeds"])
+    degenerate = [p["seed"] for p in intervals if p["ci95"][0] == p["ci95"][1]]
+    better = sum(p["verdict"] == "better" and p["seed"] not in degenerate for p in intervals)
+    missing = len(seeds) - paired["num_seeds"]  # unfinished seeds; a finished one without an interval cannot count
+    status = HOLDS if better >= needed(len(seeds)) else FAILS if better + missing < needed(len(seeds)) else OPEN
+    detail = (f"better beyond the per-seed paired interval in {better} of {len(intervals)} seeds with an interval "
+              f"({len(seeds)} planned, {needed(len(seeds))} needed)"
+              + (f"; seeds {degenerate} have a zero-width interval and do not count" if degenerate else "")
+              + f"; {detail}")
+    return claim(name, text, status, detail, better=better, seeds=paired["seeds"], per_seed=paired["per_seed"],
+                 mean=paired["mean"], ci95=paired["ci95"])
+
+
+def utility_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
+    """Claim 3: synthetic balanced accuracy better beyond the per-seed paired interval in ⌈2n/3⌉ seeds."""
+    seeds = results["study"]["seeds"]
+    text = (f"{arm} raises synthetic-data utility (balanced accuracy, trained on synthetic, tested on held-out real) "
+            f"beyond the per-seed paired 95 % interval in at least {needed(len(seeds))} of {len(seeds)} seeds")
+    return per_seed_claim(results, arm, "utility", text,
+                          {"metric": "utility/balanced_accuracy", "train_set": "synthetic"}, "synthetic utility")
+
+
+def class_fidelity_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
+    """Claim 5: class-1 class fidelity better beyond the per-seed paired interval in ⌈2n/3⌉ seeds."""
+    seeds = results["study"]["seeds"]
+    text = (f"{arm} raises class-1 class fidelity (real-trained classifier) beyond the per-seed paired 95 % "
+            f"interval in at least {needed(len(seeds))} of {len(seeds)} seeds")
+    return per_seed_claim(results, arm, "class_fidelity", text, {"metric": FIDELITY_METRIC, "class": "1"},
+                          "class-1 class fidelity")
 
 
 def single_scale_claim(results: dict[str, Any], arm: str, singles: list[str]) -> dict[str, Any]:
@@ -164,6 +206,43 @@ def single_scale_claim(results: dict[str, Any], arm: str, singles: list[str]) ->
                  ci95=[low, high] if math.isfinite(low) else None, seeds=common)
 
 
+def finetune_seconds(results: dict[str, Any], arm: str, seeds: list[int]) -> float | None:
+    """The arm's mean fine-tuning seconds (unit.json) over `seeds`."""
+    found = [u["seconds"]["finetune"] for u in results["units"]["finished"] if u["arm"] == arm
+             and u["seed"] in seeds and isinstance((u["seconds"] or {}).get("finetune"), int | float)]
+    return sum(found) / len(found) if found else None
+
+
+def versus_claim(results: dict[str, Any], arm: str, versus: str) -> dict[str, Any]:
+    """Claim 6: mean primary FID over the common seeds lower than the other algorithm's multi-scale arm's."""
+    study = results["study"]
+    algorithms = study.get("algorithms") or {}
+    names = {name: f"{name} ({algorithm_name(algorithms.get(name)).replace('–', 'fine-tuner unrecorded')})"
+             for name in (arm, versus)}
+    text = f"{names[arm]} beats {names[versus]} on the primary FID (mean over seeds lower)"
+    rows = {name: find_row(results["arms"][name]["rows"], **primary_fields(study)) if name in results["arms"] else None
+            for name in (arm, versus)}
+    if any(row is None for row in rows.values()):
+        return claim("versus", text, OPEN, "the primary FID is missing for " + ", ".join(
+            name for name, row in rows.items() if row is None))
+    common = sorted(set(rows[arm]["seeds"]) & set(rows[versus]["seeds"]))
+    if len(common) < len(study["seeds"]):
+        return claim("versus", text, OPEN, f"{len(common)} of {len(study['seeds'])} seeds finished in both {arm} "
+                     f"and {versus}")
+    values = {name: [row["values"][row["seeds"].index(s)] for s in common] for name, row in rows.items()}
+    means = {name: sum(v) / len(v) for name, v in values.items()}
+    estimate = paired_seeds(values[versus], values[arm], lower_is_better=True)
+    seconds = {name: finetune_seconds(results, name, common) for name in (arm, versus)}
+    low, high = estimate.ci95
+    time = ", ".join(f"{name} {'–' if value is None else f'{value:.0f} s'}" for name, value in seconds.items())
+    detail = (f"mean primary FID over seeds {common}: {arm} {means[arm]:.4g}, {versus} {means[versus]:.4g}; "
+              f"{arm} − {versus} = {fmt(estimate.difference)} [{fmt(low)}, {fmt(high)}] (paired over seeds: "
+              f"{estimate.verdict}); mean fine-tuning time per unit: {time}")
+    status = HOLDS if means[arm] < means[versus] else FAILS
+    return claim("versus", text, status, detail, means=means, difference=estimate.difference,
+                 ci95=[low, high] if math.isfinite(low) else None, seeds=common, finetune_seconds=seconds)
+
+
 def evaluate_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every claim of point 4 for the multi-scale arm (all "not evaluable" when the plan has none)."""
     multiscale, singles = roles(results["study"])
@@ -175,4 +254,8 @@ def evaluate_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
               utility_claim(results, multiscale)]
     if singles:
         claims.append(single_scale_claim(results, multiscale, singles))
+    claims.append(class_fidelity_claim(results, multiscale))
+    versus = (results["study"].get("claims") or {}).get("versus")
+    if versus is not None:
+        claims.append(versus_claim(results, multiscale, versus))
     return claims

@@ -1,4 +1,4 @@
-"""Figures of `msrl study`: a forest plot of the paired differences per arm, PPO curves per arm over seeds.
+"""Figures of `msrl study`: a forest plot of the paired differences per arm, fine-tuning curves per arm over seeds.
 
 Every function writes one PNG and returns its path (None when there is nothing to draw).
 """
@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lightning_modules import finetune_tags  # noqa: E402
+from lightning_modules.finetune.base import metric_prefixes  # noqa: E402
 from msrl.evaluation.figures import read_scalars  # noqa: E402
 from msrl.study.tables import paper_rows  # noqa: E402
 from msrl.study.units import find_row  # noqa: E402
@@ -102,12 +103,22 @@ def band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
             np.array([v.max() for v in stacked]))
 
 
+def unit_tag(results: dict[str, Any], arm: str, tag: str) -> str:
+    """The tag as the arm's run logs it: a tag without a prefix gets the arm's algorithm's (`backprop/heldout_fid`);
+    for a study.json that does not record the algorithm, `iteration_axis` finds whichever prefix was logged."""
+    prefix = (results["study"].get("algorithms") or {}).get(arm)
+    if prefix is None or tag.split("/", 1)[0] in metric_prefixes():
+        return tag
+    return f"{prefix}/{tag}"
+
+
 def unit_curves(out_dir: Path, results: dict[str, Any], tag: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """{arm: [(iterations, values) per finished seed]} of one tag from the units' fine-tuning events."""
+    """{arm: [(iterations, values) per finished seed]} of one tag from the units' fine-tuning events, each
+    unit's read under its own algorithm's prefix (`unit_tag`)."""
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for unit in results["units"]["finished"]:
         folder = out_dir / unit["folder"] / "finetune"
-        curve = iteration_axis(read_scalars(folder), tag) if folder.is_dir() else None
+        curve = iteration_axis(read_scalars(folder), unit_tag(results, unit["arm"], tag)) if folder.is_dir() else None
         if curve is not None:
             curves.setdefault(unit["arm"], []).append(curve)
     return curves

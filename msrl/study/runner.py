@@ -1,8 +1,9 @@
-"""Running a study's units: a PPO run per arm × seed, then its paired evaluation against the pretrained model.
+"""Running a study's units: a fine-tuning run (PPO or reward backpropagation) per arm × seed, then its paired
+evaluation against the pretrained model.
 
 Each step is a `msrl finetune` / `msrl evaluate` subprocess (the same commands a user runs, so a unit
-is reproducible by hand from its logged command line). Requeue-safe: the PPO run writes into a fixed
-folder (`finetune/version_0`) and resumes from its `last.ckpt`; a finished PPO run is marked by
+is reproducible by hand from its logged command line). Requeue-safe: the fine-tuning run writes into a fixed
+folder (`finetune/version_0`) and resumes from its `last.ckpt`; a finished fine-tuning run is marked by
 `finetune.json`, a finished evaluation by its metrics.json (written atomically), a finished unit by
 `unit.json`. Nothing finished is recomputed. On a CPU workstation units can run side by side
 (`jobs`), each subprocess with its share of the cores as torch threads: on 2 cores two 1-thread PPO runs
@@ -28,16 +29,22 @@ log = logging.getLogger(__name__)
 
 
 def finetune_command(plan: StudyPlan, unit: Unit, out: Path) -> list[str]:
-    """`msrl finetune` of one unit: the arm's reward, the unit's seed, its fixed run folder, resumed if begun."""
+    """`msrl finetune` of one unit: the arm's configs, reward and seed, its fixed run folder, resumed if begun.
+
+    `--model.init_checkpoint` (not `--model.init_args.…`) serves both kinds of config: `msrl finetune`
+    builds its model in subclass mode, and jsonargparse reads `--model.<key>` as the init argument of
+    the class the configs chose (PPO by default, `RewardBackpropModule` by `model.class_path`).
+    """
+    arm = plan.arm(unit.arm)
     command = [sys.executable, "-m", "msrl.cli", "finetune"]
-    for config in plan.finetune_configs:
+    for config in plan.arm_finetune_configs(arm):
         command += ["-c", config]
     command += ["--model.init_checkpoint", plan.pretrained,
                 "--model.reward", str(out / "arms" / unit.arm / "reward.yaml"),
                 "--seed_everything", str(unit.seed), "--model.seed", str(unit.seed),
                 "--trainer.logger.init_args.save_dir", str(unit.folder),
                 "--trainer.logger.init_args.name", "finetune",
-                "--trainer.logger.init_args.version", "0", *plan.finetune_args]
+                "--trainer.logger.init_args.version", "0", *plan.finetune_args, *arm.finetune_args]
     if unit.checkpoint.is_file():  # a requeued or interrupted unit continues where it stopped
         command += ["--ckpt_path", str(unit.checkpoint)]
     return command
@@ -78,7 +85,7 @@ def run_logged(command: list[str], log_file: Path, what: str, env: dict[str, str
 
 
 def run_unit(plan: StudyPlan, unit: Unit, out: Path, env: dict[str, str] | None = None) -> dict[str, object]:
-    """PPO, then evaluation, then unit.json; each step skipped when already finished (`env`: the
+    """Fine-tuning, then evaluation, then unit.json; each step skipped when already finished (`env`: the
     subprocesses' environment, None to inherit). Returns unit.json."""
     if unit.finished:
         return json.loads((unit.folder / "unit.json").read_text())
@@ -87,11 +94,11 @@ def run_unit(plan: StudyPlan, unit: Unit, out: Path, env: dict[str, str] | None 
     if marker.is_file():
         seconds["finetune"] = json.loads(marker.read_text())["seconds"]
     else:
-        print(f"  {unit.arm} seed {unit.seed}: PPO fine-tuning (log: {unit.folder / 'finetune.log'})", flush=True)
+        print(f"  {unit.arm} seed {unit.seed}: fine-tuning (log: {unit.folder / 'finetune.log'})", flush=True)
         seconds["finetune"] = run_logged(finetune_command(plan, unit, out), unit.folder / "finetune.log",
-                                         f"PPO of arm {unit.arm!r} seed {unit.seed}", env)
+                                         f"fine-tuning of arm {unit.arm!r} seed {unit.seed}", env)
         if not unit.checkpoint.is_file():
-            raise RuntimeError(f"PPO of arm {unit.arm!r} seed {unit.seed} wrote no {unit.checkpoint}")
+            raise RuntimeError(f"fine-tuning of arm {unit.arm!r} seed {unit.seed} wrote no {unit.checkpoint}")
         atomic_write_text(json.dumps({"seconds": seconds["finetune"]}), marker)
     metrics = unit.evaluation / "metrics.json"
     if metrics.is_file():
@@ -127,7 +134,7 @@ def run_units(plan: StudyPlan, units: list[Unit], out: Path, jobs: int = 1) -> l
             failed.append(unit)
             return
         seconds = record["seconds"]
-        print(f"  [{number}/{len(units)}] {unit.arm} seed {unit.seed} done: PPO {seconds['finetune']:.0f} s, "
+        print(f"  [{number}/{len(units)}] {unit.arm} seed {unit.seed} done: fine-tuning {seconds['finetune']:.0f} s, "
               f"evaluation {seconds['evaluate']:.0f} s", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses

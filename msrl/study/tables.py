@@ -6,11 +6,13 @@ from typing import Any
 
 from msrl.evaluation.fidelity import FIDELITY_METRIC
 from msrl.evaluation.tables import markdown_table
-from msrl.study.units import find_row, row_sampler
+from msrl.study.units import algorithm_name, find_row, row_sampler
 
 UTILITY = ("accuracy", "balanced_accuracy", "auroc")
-FIGURES = {"forest": "no paired difference yet", "reward_curves": "no ppo/reward_raw/total in the units' events",
-           "heldout_fid_curves": "no ppo/heldout_fid in the units' events (HeldoutFIDGuard not configured?)"}
+FIGURES = {"forest": "no paired difference yet",
+           "reward_curves": "no reward_raw/total (ppo/ or backprop/) in the units' events",
+           "heldout_fid_curves": "no heldout_fid (ppo/ or backprop/) in the units' events (HeldoutFIDGuard not "
+                                 "configured?)"}
 
 
 def paper_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -114,6 +116,20 @@ def paper_tables(results: dict[str, Any]) -> list[str]:
             "paired 95 % interval excludes 0)", "", markdown_table(["metric", *header], differences), ""]
 
 
+def arms_table(results: dict[str, Any]) -> list[str]:
+    """The arms: fine-tuner, reward components, configs, seeds finished and mean fine-tuning seconds per unit."""
+    lines = []
+    for arm in results["study"]["arms"]:
+        entry = results["arms"][arm]
+        parts = "all (the full reward)" if entry["components"] is None else ", ".join(entry["components"])
+        seconds = entry.get("finetune_seconds")
+        lines.append([arm, algorithm_name(entry.get("algorithm")), parts, ", ".join(entry.get("finetune_configs") or [])
+                      or "–", f"{len(entry['seeds_finished'])}/{len(results['study']['seeds'])}",
+                      "–" if seconds is None else f"{seconds:.0f}"])
+    return ["### The arms", "", markdown_table(["arm", "fine-tuner", "reward components", "finetune configs",
+                                                "seeds finished", "mean fine-tuning s"], lines), ""]
+
+
 def detail_table(rows: list[dict[str, Any]]) -> str:
     """Every row of one arm (or of pretrained): per-seed values, over seeds, paired differences."""
     header = ["metric", "extractor", "view", "class", "reference / train set", "sampler", "per seed", "mean [95 %]",
@@ -154,12 +170,13 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"{primary.get('sampler') or 'the evaluation’s'}. Each study seed evaluates the arm and the pretrained "
             "model with the same sampling seeds (paired); the evaluation seed differs per study seed.", ""]
     text += [f"**Problem:** {problem}.\n" for problem in study.get("problems", [])] + ["## The paper's table", ""]
+    text += arms_table(results)
     text += paper_tables(results) if units["finished"] else ["No unit has finished yet: nothing to tabulate.", ""]
     text += ["Intervals over seeds are t-intervals (t₀.₉₇₅,ₙ₋₁; none with one seed). Per-seed paired intervals are "
              "the evaluation's: paired bootstrap over volumes for FID, over volumes for the reward and class "
              "fidelity, a t-interval "
              "over classifier seeds for utility. The pretrained model's reward is scored with the full-reward "
-             "arm's reward.", "", "## Claims (issue #17, point 4)", ""]
+             "arm's reward.", "", "## Claims (issue #17, point 4; pre-registered in study.json)", ""]
     for item in results.get("claims", []):
         text.append(f"- **{item['status']}**: {item['claim']} — {item['detail']}.")
     text += ["", "## Every number", ""]
@@ -173,7 +190,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         timing = "; ".join(f"seed {u['seed']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in (u["seconds"] or {}).items())
                            for u in seconds)
         parts = "all (the full reward)" if entry["components"] is None else ", ".join(entry["components"])
-        text += [f"### {arm} (components: {parts}; seeds finished: "
+        text += [f"### {arm} ({algorithm_name(entry.get('algorithm'))}; components: {parts}; seeds finished: "
                  f"{entry['seeds_finished'] or 'none'})", "", f"Time: {timing or '–'}.", ""]
         if entry["rows"]:
             text += [detail_table(entry["rows"]), ""]

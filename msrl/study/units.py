@@ -7,6 +7,7 @@ sampler of its comparison.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from msrl.study.plan import PRETRAINED
 BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation
 ROW_FIELDS = ("metric", "extractor", "view", "class", "reference", "train_set", "sampler")
 Key = tuple  # a row's values of ROW_FIELDS
+ALGORITHM_NAMES = {"ppo": "PPO", "backprop": "reward backpropagation"}  # a fine-tuner's metric prefix → its name
 
 
 @dataclass
@@ -75,8 +77,26 @@ def read_plan(out_dir: Path) -> dict[str, Any]:
 
 
 def trained_arms(plan: dict[str, Any]) -> list[str]:
-    """The arms fine-tuned by PPO, in plan order (every arm but the pretrained model)."""
+    """The fine-tuned arms, in plan order (every arm but the pretrained model)."""
     return [arm["name"] for arm in plan["arms"] if arm["name"] != BASELINE]
+
+
+def arm_algorithm(arm: dict[str, Any]) -> str | None:
+    """The metric prefix of an arm's fine-tuner (`ppo`, `backprop`): the prefix its run logs under, read from
+    the class study.json records for the arm (None for a study.json written before arms recorded it)."""
+    class_path = arm.get("model")
+    if not isinstance(class_path, str):
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name).metric_prefix
+    except (ImportError, AttributeError):  # a class this checkout lacks: its name still tells the reader
+        return name
+
+
+def algorithm_name(prefix: str | None) -> str:
+    """The reader's name of a fine-tuner from its metric prefix ("–" for a plan that does not record it)."""
+    return "–" if prefix is None else ALGORITHM_NAMES.get(prefix, prefix)
 
 
 def unit_folder(out_dir: Path, arm: str, seed: int) -> Path:

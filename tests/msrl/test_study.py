@@ -71,12 +71,75 @@ def test_a_begun_unit_resumes_from_its_last_checkpoint(tmp_path: Path, pretraine
     assert finetune_command(plan, unit, tmp_path)[-2:] == ["--ckpt_path", str(unit.checkpoint)]
 
 
+BACKPROP = str(REPO / "configs/finetune/template_backprop.yaml")
+LATENT = str(REPO / "configs/finetune/template_latent.yaml")
+
+
+def test_an_arm_runs_its_own_finetune_configs_and_args(tmp_path: Path) -> None:
+    arms = [Arm("shared", ["continuity"]), Arm("backprop", ["continuity"], [BACKPROP], ["--trainer.max_epochs", "3"])]
+    plan = _plan(tmp_path, tmp_path / "pre.ckpt", arms=arms, finetune_args=["--trainer.max_epochs", "1"])
+    shared, backprop = (finetune_command(plan, unit, tmp_path) for unit in plan.units(tmp_path))
+    assert [shared[i + 1] for i, a in enumerate(shared) if a == "-c"] == plan.finetune_configs
+    assert [backprop[i + 1] for i, a in enumerate(backprop) if a == "-c"] == [BACKPROP]
+    assert backprop[-4:] == ["--trainer.max_epochs", "1", "--trainer.max_epochs", "3"]  # the arm's last: it wins
+    models = {arm["name"]: (arm["model"], arm["finetune_configs"]) for arm in plan.as_json()["arms"]}
+    assert models == {"shared": ("lightning_modules.PPOFinetuneModule", plan.finetune_configs),
+                      "backprop": ("lightning_modules.RewardBackpropModule", [BACKPROP])}
+
+
+@pytest.mark.parametrize(("config", "model"), [(LATENT, "lightning_modules.PPOFinetuneModule"),
+                                               (BACKPROP, "lightning_modules.RewardBackpropModule")])
+def test_msrl_finetune_reads_the_unit_command_for_either_fine_tuner(tmp_path: Path, config: str, model: str,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """The unit's options (`--model.init_checkpoint`, `--model.reward`, `--model.seed`) reach the init
+    arguments of the class the config chose, through the real `msrl finetune` parser (no training)."""
+    plan = _plan(tmp_path, tmp_path / "pre.ckpt", arms=[Arm("arm", ["continuity"], [config])], seeds=[5],
+                 finetune_args=[])  # _FINETUNE's options are PPO's: shared options must suit every arm's fine-tuner
+    out = tmp_path / "study"
+    write_plan(plan, out)
+    command = finetune_command(plan, plan.units(out)[0], out)
+    assert command[1:4] == ["-m", "msrl.cli", "finetune"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:
+        main([*command[3:], "--print_config"])
+    assert exit_code.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == model
+    init = printed["model"]["init_args"]
+    assert init["init_checkpoint"] == str(tmp_path / "pre.ckpt") and init["seed"] == 5
+    assert [c["init_args"]["name"] for c in init["reward"]["init_args"]["components"]] == ["continuity"]
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(plan.units(out)[0].folder)
+
+
+def test_plans_with_missing_configs_or_bad_claims_are_refused(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no_such_backprop.yaml")
+    plan = _plan(tmp_path, tmp_path / "pre.ckpt", arms=[Arm("arm", ["continuity"], [missing])])
+    (tmp_path / "pre.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"study key arms\[arm\].finetune_configs: .*no_such_backprop.yaml"):
+        plan.check_inputs()
+    arms = [Arm("multi", ["continuity", "mask"]), Arm("ppo_multi", ["continuity", "mask"], [LATENT])]
+    with pytest.raises(ValueError, match=r"claims: unknown keys \['singlescale'\]"):
+        _plan(tmp_path, tmp_path / "pre.ckpt", arms=arms, claims={"singlescale": ["multi"]})
+    with pytest.raises(ValueError, match=r"claims name arms \['ppo'\] that the plan does not have"):
+        _plan(tmp_path, tmp_path / "pre.ckpt", arms=arms, claims={"multiscale": "multi", "versus": "ppo"})
+    with pytest.raises(ValueError, match="claims.versus must differ"):
+        _plan(tmp_path, tmp_path / "pre.ckpt", arms=arms, claims={"multiscale": "multi", "versus": "multi"})
+    good = _plan(tmp_path, tmp_path / "pre.ckpt", arms=arms, claims={"multiscale": "multi", "versus": "ppo_multi"})
+    good.check_inputs()
+    write_plan(good, tmp_path / "study")
+    with pytest.raises(ValueError, match=r"different study \(keys \['claims'\]"):  # claims are pre-registered
+        write_plan(_plan(tmp_path, tmp_path / "pre.ckpt", arms=arms, claims={"multiscale": "ppo_multi"}),
+                   tmp_path / "study")
+
+
 def _study(plan: StudyPlan, out: Path, *extra: str) -> None:
     args = ["study", "--pretrained", plan.pretrained, "--reward", plan.reward, "--arms",
-            json.dumps([{"name": a.name, "components": a.components} for a in plan.arms]),
+            json.dumps([{"name": a.name, "components": a.components, "finetune_configs": a.finetune_configs,
+                         "finetune_args": a.finetune_args} for a in plan.arms]),
             "--seeds", json.dumps(plan.seeds), "--finetune_configs", json.dumps(plan.finetune_configs),
             "--finetune_args", json.dumps(plan.finetune_args), "--evaluate_config", plan.evaluate_config,
             "--evaluate_args", json.dumps(plan.evaluate_args), "--primary", json.dumps(plan.primary),
+            "--claims", json.dumps(plan.claims),
             "--out", str(out), *extra]
     main(args)
 
