@@ -60,10 +60,9 @@ def test_utility_holds_on_per_seed_verdicts_in_two_of_three_seeds() -> None:
     assert result["status"] == "holds" and result["numbers"]["better"] == 2  # the wide interval over seeds is not read
     fails = _paired_row(UTILITY, [(0.03, *better), (0.02, *none), (0.01, *none)], over_seeds=[0.005, 0.04])
     assert utility_claim(_results({"m": [fails]}), "m")["status"] == "does not hold"  # despite an interval over 0
-    # a per-seed interval of zero width is no evidence: those seeds do not count
-    flat = _paired_row(UTILITY, [(1 / 64, [1 / 64, 1 / 64], "better")] * 2 + [(0.03, *better)])
-    result = utility_claim(_results({"m": [flat]}), "m")
-    assert result["status"] == "does not hold" and "seeds [0, 1] have a zero-width interval" in result["detail"]
+    # a zero-width per-seed bootstrap interval (every volume of a class flipped the same way) counts by its verdict
+    flat = _paired_row(UTILITY, [(0.5, [0.5, 0.5], "better")] * 2 + [(0.0, [-0.02, 0.02], "no difference")])
+    assert utility_claim(_results({"m": [flat]}), "m")["status"] == "holds"
     # one seed of three finished and better: 1 more is needed and 2 may still come
     early = _paired_row(UTILITY, [(0.03, *better)])
     assert utility_claim(_results({"m": [early]}), "m")["status"] == "not evaluable"
@@ -105,3 +104,13 @@ def test_the_versus_claim_is_made_only_when_the_plan_names_its_arm() -> None:
     assert "versus" not in ids and {"utility", "class_fidelity"} <= set(ids)
     claims = evaluate_claims(_results(rows, claims={"multiscale": "multi", "versus": "ppo_multi"}))
     assert next(c for c in claims if c["id"] == "versus")["status"] == "holds"
+
+
+def test_an_explicit_empty_single_scale_list_drops_claim_4() -> None:
+    """A one-component arm (the classifier alone) named as the claims' arm is not compared with itself."""
+    rows = {"clf": [_fid([1.0, 1.2, 0.9])]}
+    results = _results(rows, claims={"multiscale": "clf"})
+    results["study"]["components"] = {"clf": ["classifier"]}
+    assert "single_scale" in [c["id"] for c in evaluate_claims(results)]  # guessed: the arm itself
+    results["study"]["claims"] = {"multiscale": "clf", "single_scale": []}
+    assert "single_scale" not in [c["id"] for c in evaluate_claims(results)]
