@@ -2,7 +2,8 @@
 # Sourced by scripts/demo.sh and scripts/study.sh: the models every PPO run needs, trained on the embedded
 # cohort at 64³ into "$OUT/runs/<stage>/version_0/" — the VQ-GAN, the class-conditional latent diffusion model,
 # the in-domain encoder of the evaluation, and the reward networks (2D/3D critics, classifier) — plus
-# "$OUT/multiscale.yaml", "$OUT/multiscale_differentiable.yaml" and "$OUT/evaluate.yaml" pointing at them.
+# "$OUT/multiscale.yaml", "$OUT/multiscale_differentiable.yaml", "$OUT/multiscale_critics.yaml" and
+# "$OUT/evaluate.yaml" pointing at them.
 # A stage whose checkpoint exists is kept.
 # Needs from the caller: OUT, stage() and need(), STAGES (the caller's stage count), EVALUATE_CONFIG.
 progress=(--trainer.enable_progress_bar "${DEMO_PROGRESS:-true}")
@@ -52,7 +53,9 @@ train_models() {
   # configs/rewards/multiscale.yaml and the evaluation config point at runs/…; these networks are under $OUT/runs/…
   sed "s#runs/critics/#$OUT/runs/critics/#; s#runs/classifier/#$OUT/runs/classifier/#" \
     configs/rewards/multiscale.yaml > "$OUT/multiscale.yaml"
-  sed "s#runs/critics/#$OUT/runs/critics/#; s#runs/classifier/#$OUT/runs/classifier/#" \
-    configs/rewards/multiscale_differentiable.yaml > "$OUT/multiscale_differentiable.yaml"
+  for reward in multiscale_differentiable multiscale_critics; do
+    sed "s#runs/critics/#$OUT/runs/critics/#; s#runs/classifier/#$OUT/runs/classifier/#" \
+      "configs/rewards/$reward.yaml" > "$OUT/$reward.yaml"
+  done
   sed "s#runs/extractor/#$OUT/runs/extractor/#" "$EVALUATE_CONFIG" > "$OUT/evaluate.yaml"
 }

@@ -28,9 +28,10 @@ units are only read, never recomputed.
 
 A row is one number of metrics.json, named by ROW_FIELDS. Over seeds every row gets its mean with a
 t-interval (`mean_t_ci`, n is 2–5) and the paired difference to the pretrained model: per seed the
-evaluation's paired difference (bootstrap over volumes, or t-interval over classifier seeds) with its
-verdict, or, where the evaluation has none (MS-SSIM, memorisation, utility with one classifier seed),
-the difference of the two values; over seeds `paired_seeds` on the per-seed values (docs/design.md §5).
+evaluation's paired difference (bootstrap over generated volumes; for utility accuracy over the test
+volumes; for utility AUROC a t-interval over classifier seeds) with its verdict, or, where the
+evaluation has none (MS-SSIM, memorisation, AUROC with one classifier seed), the difference of the two
+values; over seeds `paired_seeds` on the per-seed values (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def arm_rows(units: list[FinishedUnit]) -> list[dict[str, Any]]:
         baseline, candidate, per_seed = [], [], []
         for unit in present:
             comparison, base = unit.paired.get(key), unit.baseline.get(key)
-            if comparison is not None:  # the evaluation's paired bootstrap (or t-interval over classifier seeds)
+            if comparison is not None:  # the evaluation's paired interval (bootstrap, or t over classifier seeds)
                 baseline.append(comparison["baseline"])
                 candidate.append(comparison["candidate"])
                 per_seed.append({"seed": unit.seed, "difference": comparison["difference"],

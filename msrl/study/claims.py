@@ -1,4 +1,4 @@
-"""The study's pre-registered claims (issue #17, point 4), decided mechanically from the aggregated numbers.
+"""The study's pre-registered claims, decided mechanically from the aggregated numbers.
 
 The arms they name are written in the study config's `claims` before any unit runs (study.json keeps
 them, so a rerun with other claims is refused): `multiscale`, `single_scale` and `versus`.

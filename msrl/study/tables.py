@@ -173,10 +173,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     text += arms_table(results)
     text += paper_tables(results) if units["finished"] else ["No unit has finished yet: nothing to tabulate.", ""]
     text += ["Intervals over seeds are t-intervals (t₀.₉₇₅,ₙ₋₁; none with one seed). Per-seed paired intervals are "
-             "the evaluation's: paired bootstrap over volumes for FID, over volumes for the reward and class "
-             "fidelity, a t-interval "
-             "over classifier seeds for utility. The pretrained model's reward is scored with the full-reward "
-             "arm's reward.", "", "## Claims (issue #17, point 4; pre-registered in study.json)", ""]
+             "the evaluation's: paired bootstrap over generated volumes for FID, the reward and class "
+             "fidelity, over the held-out test volumes for utility accuracy (the classifier seeds averaged "
+             "inside each resample; AUROC: a t-interval over classifier seeds, none with one). The pretrained "
+             "model's reward is scored with the full-reward arm's reward.", "",
+             "## Claims (written in the study config before any unit ran; kept in study.json)", ""]
     for item in results.get("claims", []):
         text.append(f"- **{item['status']}**: {item['claim']} — {item['detail']}.")
     text += ["", "## Every number", ""]

@@ -192,7 +192,9 @@ def test_every_finetune_config_runs_the_study_settings_and_the_guard() -> None:
             assert guard["class_path"] == "msrl.evaluation.HeldoutFIDGuard", config
             assert guard["init_args"]["data"] == f"../data/{config.name}", config
             continue
-        assert model["advantage_mode"] == "batch" and model["timestep_fraction"] == 1.0, config
+        # the CPU template runs half the steps per update (study 4's PPO arm, for time); the GPU configs every step
+        assert model["advantage_mode"] == "batch", config
+        assert model["timestep_fraction"] == (0.5 if config.name == "template_latent.yaml" else 1.0), config
         if not config.name.startswith("base"):
             assert node["trainer"]["callbacks"][0]["class_path"] == "msrl.evaluation.HeldoutFIDGuard", config
 
@@ -252,3 +254,28 @@ def test_the_demo_configs_read_one_cohort() -> None:
                 f"template_resolution {reference['template_resolution']} val_fraction {reference['val_fraction']} "
                 f"test_fraction {reference['test_fraction']})")
     assert expected in demo
+
+
+def test_the_demo_fine_tunes_with_the_study_ppo_arm_settings() -> None:
+    """`make demo` runs configs/finetune/template_latent.yaml as it is: its settings must be the ones study 4's PPO arm
+    measured (the arm's finetune_args, on top of the same file), or the demo shows an unmeasured setting."""
+    import yaml
+
+    study = yaml.safe_load((REPO / "configs/study/template.yaml").read_text())
+    arm = next(a for a in study["arms"] if a["name"] == "ppo_multiscale")
+    assert arm["finetune_configs"] == ["configs/finetune/template_latent.yaml"]
+    template = yaml.safe_load((REPO / "configs/finetune/template_latent.yaml").read_text())
+    args = arm["finetune_args"]
+    overrides = dict(zip(args[::2], args[1::2], strict=True))
+    assert overrides, "the PPO arm names its settings"
+    for option, value in overrides.items():
+        section, key = option.removeprefix("--").split(".", 1)
+        assert float(template[section][key]) == float(value), (option, template[section][key], value)
+    assert "multiscale_critics.yaml" in (REPO / "scripts/demo.sh").read_text()  # the arm's two critics ...
+    full = yaml.safe_load((REPO / "configs/rewards/multiscale_differentiable.yaml").read_text())["init_args"]
+    critics = yaml.safe_load((REPO / "configs/rewards/multiscale_critics.yaml").read_text())["init_args"]
+    keep = [i for i, c in enumerate(full["components"]) if c["init_args"]["name"] in arm["components"]]
+    assert critics["components"] == [full["components"][i] for i in keep]  # ... as the study selects them
+    assert critics["weights"] == [full["weights"][i] for i in keep]
+    assert {k: v for k, v in critics.items() if k not in ("components", "weights")} == \
+        {k: v for k, v in full.items() if k not in ("components", "weights")}
