@@ -98,6 +98,7 @@ def _finetune(checkpoint: Path, runs: Path, *extra: str) -> Path:
           "--model.init_args.num_steps", "3", "--model.init_args.backprop_steps", "2",
           "--model.init_args.samples_per_iteration", "2", "--model.init_args.lora_rank", "0",
           "--model.init_args.base_penalty", "0.1", "--model.init_args.iterations_per_epoch", "2",
+          "--model.init_args.guidance_scale", "1.0",  # the template's 3 would double each tiny UNet call
           "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
           "--trainer.logger.init_args.save_dir", str(runs), *extra])
     return runs / "finetune_backprop" / "version_0"

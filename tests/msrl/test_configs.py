@@ -256,21 +256,24 @@ def test_the_demo_configs_read_one_cohort() -> None:
     assert expected in demo
 
 
-def test_the_demo_fine_tunes_with_the_study_ppo_arm_settings() -> None:
-    """`make demo` runs configs/finetune/template_latent.yaml as it is: its settings must be the ones study 4's PPO arm
-    measured (the arm's finetune_args, on top of the same file), or the demo shows an unmeasured setting."""
+def test_the_templates_hold_the_settings_study_4_measured() -> None:
+    """`make demo` runs configs/finetune/template_latent.yaml as it is, and a user the backprop template: their settings
+    must be the ones study 4's arms measured (the arm's finetune_args, on top of the same file)."""
     import yaml
 
     study = yaml.safe_load((REPO / "configs/study/template.yaml").read_text())
+    for name, config in (("ppo_multiscale", "template_latent.yaml"), ("backprop_multiscale", "template_backprop.yaml")):
+        arm = next(a for a in study["arms"] if a["name"] == name)
+        assert arm["finetune_configs"] == [f"configs/finetune/{config}"]
+        template = yaml.safe_load((REPO / "configs/finetune" / config).read_text())
+        args = arm["finetune_args"]
+        overrides = dict(zip(args[::2], args[1::2], strict=True))
+        assert overrides, f"the arm {name} names its settings"
+        for option, value in overrides.items():
+            section, key = option.removeprefix("--").split(".", 1)
+            node = template[section].get("init_args", template[section]) if section == "model" else template[section]
+            assert float(node[key]) == float(value), (config, option, node[key], value)
     arm = next(a for a in study["arms"] if a["name"] == "ppo_multiscale")
-    assert arm["finetune_configs"] == ["configs/finetune/template_latent.yaml"]
-    template = yaml.safe_load((REPO / "configs/finetune/template_latent.yaml").read_text())
-    args = arm["finetune_args"]
-    overrides = dict(zip(args[::2], args[1::2], strict=True))
-    assert overrides, "the PPO arm names its settings"
-    for option, value in overrides.items():
-        section, key = option.removeprefix("--").split(".", 1)
-        assert float(template[section][key]) == float(value), (option, template[section][key], value)
     assert "multiscale_critics.yaml" in (REPO / "scripts/demo.sh").read_text()  # the arm's two critics ...
     full = yaml.safe_load((REPO / "configs/rewards/multiscale_differentiable.yaml").read_text())["init_args"]
     critics = yaml.safe_load((REPO / "configs/rewards/multiscale_critics.yaml").read_text())["init_args"]
