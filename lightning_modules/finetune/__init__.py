@@ -11,5 +11,8 @@ from lightning_modules.finetune.reward import (
 )
 from lightning_modules.finetune.running import RunningMoments
 
-__all__ = ["FinetuneBase", "Reward", "RunningMoments", "finetune_tags", "metric_prefixes", "non_differentiable_parts",
+DEFAULT_FINETUNER = "lightning_modules.PPOFinetuneModule"  # what `msrl finetune` builds when a config names no class
+
+__all__ = ["DEFAULT_FINETUNER", "FinetuneBase", "Reward", "RunningMoments", "finetune_tags", "metric_prefixes",
+           "non_differentiable_parts",
            "raw_reward_scores", "reward_networks", "score_components"]

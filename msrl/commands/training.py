@@ -17,6 +17,7 @@ from datamodules.base import VolumeDataModule
 from lightning_modules.callbacks.preemption import StepBoundaryRequeue
 from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.diffusion.noise_schedules import DEFAULT_NOISE_SCHEDULER
+from lightning_modules.finetune import DEFAULT_FINETUNER
 from lightning_modules.lightning_internals import add_model_instantiator_only
 
 
@@ -72,9 +73,6 @@ class MsrlCLI(LightningCLI):
             "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
             "checkpoint.auto_insert_metric_name": False,
         })
-
-
-DEFAULT_FINETUNER = "lightning_modules.PPOFinetuneModule"  # what `msrl finetune` builds when no class_path is given
 
 
 class FinetuneCLI(LightningCLI):

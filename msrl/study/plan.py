@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from datamodules.atomic import atomic_write_text
-from msrl.commands.training import DEFAULT_FINETUNER
+from lightning_modules.finetune import DEFAULT_FINETUNER
 
 PRETRAINED = "pretrained"  # the baseline arm's name, in every unit's evaluation
 # the primary metric unless a study says otherwise: FID in the evaluation's first (in-domain) features, both
