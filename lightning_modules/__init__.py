@@ -5,13 +5,15 @@ stages of latent diffusion (`FirstStageModule`, the VQ-GAN `AutoencoderModule`, 
 `KLAutoencoderModule`) in `first_stage/`; what the reward fine-tuners share (`FinetuneBase`, the
 reward contract `Reward`) in `finetune/`, `PPOFinetuneModule` in `ppo/`, `RewardBackpropModule` in
 `backprop/`; the reward networks and their data in `critics/`; the preemption callback in
-`callbacks/`. Configs and checkpoints name classes by these exported names.
+`callbacks/`; mask conditioning (`ControlNetModule`, a ControlNet on a frozen pretrained
+model) in `controlnet/`. Configs and checkpoints name classes by these exported names.
 """
 
 import datamodules  # noqa: F401  # first: imports MONAI without `transformers` (datamodules/monai_import.py)
 from lightning_modules.backprop import RewardBackpropModule
 from lightning_modules.callbacks import StepBoundaryRequeue
 from lightning_modules.checkpoint_io import UnsafeCheckpointError, load_weights
+from lightning_modules.controlnet import ControlNetModule
 from lightning_modules.critics import (
     ClassifierModule,
     PooledConvNet,
@@ -30,8 +32,8 @@ from lightning_modules.first_stage import (
 from lightning_modules.ppo import PPOFinetuneModule
 from lightning_modules.slices import PLANES, SliceSampler
 
-__all__ = ["PLANES", "AutoencoderModule", "ClassifierModule", "DiffusionModule", "FinetuneBase", "FirstStageModule",
-           "FirstStageTraining", "KLAutoencoderModule", "LatentSpace", "PPOFinetuneModule", "PooledConvNet",
-           "RealismCriticModule", "RealismDataModule", "Reward", "RewardBackpropModule", "RewardNetworkModule",
-           "SliceSampler",
-           "StepBoundaryRequeue", "UnsafeCheckpointError", "finetune_tags", "load_weights", "score_components"]
+__all__ = ["PLANES", "AutoencoderModule", "ClassifierModule", "ControlNetModule", "DiffusionModule", "FinetuneBase",
+           "FirstStageModule", "FirstStageTraining", "KLAutoencoderModule", "LatentSpace", "PPOFinetuneModule",
+           "PooledConvNet", "RealismCriticModule", "RealismDataModule", "Reward", "RewardBackpropModule",
+           "RewardNetworkModule", "SliceSampler", "StepBoundaryRequeue", "UnsafeCheckpointError", "finetune_tags",
+           "load_weights", "score_components"]

@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str]] = {
                      "train the realism critics or the classifier behind learned rewards (LightningCLI fit)"),
     "train-extractor": ("msrl.commands.training:run_train_extractor",
                         "train the self-supervised 3D encoder of the in-domain FID, no labels (LightningCLI fit)"),
+    "train-controlnet": ("msrl.commands.training:run_train_controlnet",
+                         "lesion-mask conditioning (ControlNet) of a frozen pretrained model (LightningCLI fit)"),
     "finetune": ("msrl.commands.training:run_finetune",
                  "PPO fine-tuning of a pretrained model against a reward (LightningCLI fit)"),
     "sample": ("msrl.commands.sample:main", "draw volumes from a checkpoint into NIfTI files"),

@@ -19,8 +19,9 @@ from lightning_modules.checkpoint_io import load_weights, rebuild_module, resume
 from lightning_modules.diffusion.latent import LatentSpace
 from lightning_modules.diffusion.lora import LORA_KEY, load_lora_model
 from lightning_modules.diffusion.noise_schedules import default_noise_scheduler, schedule_from_betas
+from lightning_modules.diffusion.nonfinite import skip_nonfinite_loss
 from lightning_modules.diffusion.optim import warmup_cosine_schedule
-from lightning_modules.diffusion.sampling import ddim_from_training_schedule, sample
+from lightning_modules.diffusion.sampling import Denoiser, ddim_from_training_schedule, sample
 from lightning_modules.diffusion.speed import apply_speed_options, to_channels_last
 from lightning_modules.first_stage.losses import lesion_mask, weighted_mean
 from lightning_modules.visualize import slice_grid
@@ -171,21 +172,32 @@ class DiffusionModule(L.LightningModule):
         return ddim_from_training_schedule(self.noise_scheduler, clip_sample=self.latent is None)
 
     # The network -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Prediction of the trained UNet for x_t [B, C, D, H, W], timesteps [B] and labels [B]."""
-        x = to_channels_last(x) if self.hparams.channels_last else x
-        return self.unet(x, timesteps, class_labels=labels if self.null_class is not None else None)
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None, *,
+                down_residuals: Sequence[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Prediction of the trained UNet for x_t [B, C, D, H, W], timesteps [B] and labels [B].
 
-    def ema_forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Prediction of the EMA weights (what sampling uses)."""
-        return self.ema.module(x, timesteps, class_labels=labels if self.null_class is not None else None)
+        `down_residuals`/`mid_residual`: a ControlNet's outputs, added to the UNet's skips (None: none).
+        """
+        x = to_channels_last(x) if self.hparams.channels_last else x
+        return self.unet(x, timesteps, class_labels=labels if self.null_class is not None else None,
+                         down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual)
+
+    def ema_forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None, *,
+                    down_residuals: Sequence[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Prediction of the EMA weights (what sampling uses), with optional ControlNet residuals."""
+        return self.ema.module(x, timesteps, class_labels=labels if self.null_class is not None else None,
+                               down_block_additional_residuals=down_residuals,
+                               mid_block_additional_residual=mid_residual)
 
     def diffusion_loss(self, images: torch.Tensor, labels: torch.Tensor | None,
                        generator: torch.Generator | None = None, label_dropout: float = 0.0,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
+                       weights: torch.Tensor | None = None, predict: Denoiser | None = None) -> torch.Tensor:
         """DDPM MSE between the prediction and its target (ε or v) at random timesteps.
 
         `weights` [B, 1, *spatial] (broadcast over channels) makes it a weighted mean (`lesion_weights`).
+        `predict` replaces this model's `forward` (a ControlNet trains through the frozen UNet this way).
         """
         batch = images.shape[0]
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
@@ -199,14 +211,16 @@ class DiffusionModule(L.LightningModule):
         if labels is not None and self.null_class is not None and label_dropout > 0:
             drop = torch.rand(batch, device=images.device) < label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        prediction = self(noisy, timesteps, labels)
+        prediction = (predict if predict is not None else self)(noisy, timesteps, labels)
         if weights is None:
             return F.mse_loss(prediction.float(), target.float())
         return weighted_mean((prediction.float() - target.float()).square(), weights)
 
-    def lesion_weights(self, batch: dict[str, Any], grid: tuple[int, ...]) -> torch.Tensor | None:
-        """1 + `lesion_loss_weight` where the batch's lesion labels reach a position of `grid`, else 1 (None if 0)."""
-        weight = self.hparams.lesion_loss_weight
+    def lesion_weights(self, batch: dict[str, Any], grid: tuple[int, ...], weight: float | None = None
+                       ) -> torch.Tensor | None:
+        """1 + `weight` (default `lesion_loss_weight`) where the batch's lesion labels reach a position of `grid`,
+        else 1 (None if 0)."""
+        weight = self.hparams.lesion_loss_weight if weight is None else weight
         lesion = lesion_mask(batch, weight, "model.lesion_loss_weight")
         if lesion is None:
             return None
@@ -225,19 +239,8 @@ class DiffusionModule(L.LightningModule):
         latents = self.to_diffusion_space(batch["image"], batch.get("subject_id"))
         loss = self.diffusion_loss(latents, batch["label"], label_dropout=self.hparams.cfg_dropout,
                                    weights=self.lesion_weights(batch, tuple(latents.shape[2:])))
-        bad = self.trainer.strategy.reduce(torch.tensor(float(not torch.isfinite(loss)), device=self.device),
-                                           reduce_op="sum")
-        if bad > 0:
-            self.skipped_steps += 1
-            self._skips_in_a_row += 1
-            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, batch_size=1)
-            if self._skips_in_a_row >= self.hparams.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"train/loss was non-finite in {self._skips_in_a_row} steps in a row (the last at step "
-                    f"{self.global_step}); likely causes: a learning rate too high (lr={self.hparams.lr}), fp16 "
-                    "overflow (use bf16-mixed or 32-true), or non-finite input volumes (run msrl data check)")
+        if skip_nonfinite_loss(self, loss):
             return None
-        self._skips_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
         return loss
 
@@ -324,15 +327,18 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, num_samples: int, labels: torch.Tensor | None = None, num_steps: int = 50,
                  eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0, use_ema: bool = True,
-                 progress: bool = False) -> torch.Tensor:
-        """Draw volumes [N, C, S, S, S] in [-1, 1] with DDIM; labels alternate 0, 1, … if not given."""
+                 progress: bool = False, denoiser: Denoiser | None = None) -> torch.Tensor:
+        """Draw volumes [N, C, S, S, S] in [-1, 1] with DDIM; labels alternate 0, 1, … if not given.
+
+        `denoiser` replaces the (EMA) UNet, e.g. by the UNet with a ControlNet's residuals.
+        """
         if labels is None and self.null_class is not None:
             labels = torch.arange(num_samples) % self.hparams.num_classes
         if labels is not None:
             labels = labels.to(self.device, torch.long)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         noise = torch.randn((num_samples, *self.sample_shape), generator=generator, device=self.device)
-        model = self.ema_forward if use_ema else self.forward
+        model = denoiser if denoiser is not None else (self.ema_forward if use_ema else self.forward)
         was_training = self.training
         self.eval()
         samples, _ = sample(model, self.ddim_scheduler(), noise, labels, num_steps=num_steps, eta=eta,

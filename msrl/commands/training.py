@@ -1,4 +1,5 @@
-"""The training verbs: `msrl pretrain`, `train-autoencoder`, `train-reward`, `train-extractor` and `finetune`.
+"""The training verbs: `msrl pretrain`, `train-autoencoder`, `train-reward`, `train-extractor`, `train-controlnet`
+and `finetune`.
 
 Each is a LightningCLI `fit` run of YAML configs under `configs/` (components chosen by
 `class_path`, `-c` repeatable, `--print_config` on every verb); msrl/cli.py dispatches to them.
@@ -42,6 +43,7 @@ class MsrlCLI(LightningCLI):
 
     monitor, mode = "val/loss", "min"  # what ranks the best checkpoint
     linked = ("num_channels", "spatial_size", "num_classes")  # data attributes passed to the model
+    noise_scheduler_default = True  # the model takes `noise_scheduler` (a DiffusionModule): show its default
 
     def before_instantiate_classes(self) -> None:
         """Honour `--trainer.default_root_dir` (see `honour_default_root_dir`)."""
@@ -62,7 +64,7 @@ class MsrlCLI(LightningCLI):
                              "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
                              "last_checkpoint.save_on_train_epoch_end": True})
         parser.add_lightning_class_args(StepBoundaryRequeue, "preemption")  # SLURM's SIGUSR1 at a step boundary
-        if not self.subclass_mode_model:
+        if not self.subclass_mode_model and self.noise_scheduler_default:
             # shown by --print_config, built fresh per run
             parser.set_defaults({"model.noise_scheduler": DEFAULT_NOISE_SCHEDULER})
         parser.set_defaults({
@@ -183,6 +185,22 @@ def null_training_settings(argv: list[str]) -> list[str]:
         else:
             out += [flag, value]
     return out
+
+
+class ControlNetCLI(MsrlCLI):
+    """`msrl train-controlnet`: the noise schedule is the base checkpoint's, so the model takes none."""
+
+    noise_scheduler_default = False
+
+
+def run_train_controlnet(argv: list[str]) -> None:
+    """`msrl train-controlnet`: LightningCLI `fit` of a `ControlNetModule` (masks from the data's `seg`)."""
+    from lightning_modules.controlnet.module import ControlNetModule
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    ControlNetCLI(ControlNetModule, VolumeDataModule, subclass_mode_data=True, args=["fit", *argv],
+                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                  parser_kwargs={"prog": "msrl train-controlnet"})
 
 
 class AutoencoderCLI(MsrlCLI):

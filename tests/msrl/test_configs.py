@@ -73,7 +73,7 @@ def _arguments_for(config: Path) -> list[str]:
         return ["-c", template, "--trainer", str(config)]
     if kind == "data":
         return ["-c", template, "--data", str(config)]
-    if kind in ("finetune", "rewards", "autoencoder", "evaluate", "extractor", "study"):
+    if kind in ("finetune", "rewards", "autoencoder", "evaluate", "extractor", "study", "controlnet"):
         return []  # built by their own CLIs below
     raise AssertionError(f"{config}: no test instantiates configs/{kind}/ yet; add it to _arguments_for")
 
@@ -134,6 +134,24 @@ def test_config_instantiates(config: Path, tmp_path: Path, pretrained_checkpoint
             ["-c", str(tmp_path / "evaluate.yaml"), "--checkpoint", "x.ckpt", "--out", str(tmp_path / "eval")])))
         assert isinstance(built.data, VolumeDataModule) and built.extractors
         assert all(isinstance(e, FeatureExtractor) for e in built.extractors)
+        return
+    if kind == "controlnet":  # over an untrained latent base of the config's size: 64³ (template), 4-channel 128³
+        from lightning_modules.controlnet import ControlNetModule
+        from msrl.commands.training import ControlNetCLI
+
+        size, channels = (64, 1) if config.name == "template.yaml" else (128, 4)
+        base = DiffusionModule(in_channels=channels, spatial_size=size, channels=(8, 8),
+                               attention_levels=(False, False), norm_num_groups=8, num_head_channels=8,
+                               autoencoder_checkpoint=str(autoencoders[size, channels]))
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+        trainer.strategy.connect(base)
+        trainer.save_checkpoint(tmp_path / "base.ckpt")
+        cli = ControlNetCLI(ControlNetModule, VolumeDataModule, subclass_mode_data=True, run=False,
+                            auto_configure_optimizers=False,
+                            args=["-c", str(config), "--model.base_checkpoint", str(tmp_path / "base.ckpt"), *ON_CPU,
+                                  "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        assert isinstance(cli.model, ControlNetModule) and cli.model.hparams.spatial_size == size
+        assert cli.model.hparams.in_channels == cli.datamodule.num_channels == channels
         return
     if kind == "rewards":
         cli = RewardTrainingCLI(RewardNetworkModule, L.LightningDataModule, subclass_mode_model=True,
@@ -241,7 +259,7 @@ def test_the_demo_configs_read_one_cohort() -> None:
     reference = cohort("evaluate/template.yaml", "data")
     assert reference["num_subjects"] * reference["test_fraction"] >= 64  # >= 32 test volumes per class
     for path, keys in (("autoencoder/template.yaml", ("data",)), ("pretrain/template_latent.yaml", ("data",)),
-                       ("extractor/template.yaml", ("data",)),
+                       ("extractor/template.yaml", ("data",)), ("controlnet/template.yaml", ("data",)),
                        ("finetune/template_latent.yaml", ("trainer", "callbacks", 0, "init_args", "data"))):
         found = cohort(path, *keys)
         if path.startswith("finetune"):  # the guard's data module needs no loader settings
