@@ -1,5 +1,8 @@
 """Evaluation of generators: feature extractors, FID/KID/MMD/MS-SSIM, downstream utility, tables, figures.
 
+Mask-conditioned generators also get a segmentation utility and mask fidelity (a real-trained
+segmenter's Dice on generated volumes against the masks they were drawn from).
+
 Also the reward-hacking guard of PPO (`HeldoutFIDGuard`), a trainer callback that needs the
 evaluation's extractors and FID, which is why it lives here and not with the models.
 """
@@ -12,7 +15,9 @@ from msrl.evaluation.extractors import (
     SliceExtractor,
 )
 from msrl.evaluation.heldout_guard import HeldoutFIDGuard
+from msrl.evaluation.segmentation import MaskedVolumes, SegmentationProtocol, Segmenter
 from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
 
 __all__ = ["ClassifierFeatureExtractor", "FeatureExtractor", "HeldoutFIDGuard", "InDomainExtractor", "LabelledVolumes",
-           "MedicalNetExtractor", "SliceExtractor", "UtilityProtocol"]
+           "MaskedVolumes", "MedicalNetExtractor", "SegmentationProtocol", "Segmenter", "SliceExtractor",
+           "UtilityProtocol"]

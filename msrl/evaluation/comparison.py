@@ -5,8 +5,8 @@ same starting noise). A paired bootstrap draws one set of volume indices for bot
 resample of the real reference, so the interval of the difference is much narrower than the
 difference of two independent intervals (docs/design.md §5). Utility accuracy and balanced accuracy
 pair test volumes and classifier seeds (a bootstrap over the held-out test volumes, averaged over
-seeds); utility AUROC pairs classifier seeds (and synthetic draws) with a t-interval; rewards and
-class fidelity pair volumes.
+seeds); utility AUROC and segmentation Dice pair classifier (segmenter) seeds (and synthetic draws)
+with a t-interval; rewards, class fidelity and mask fidelity pair volumes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from msrl.evaluation.paired import (
 )
 from msrl.evaluation.scores import FeatureCache, Features, class_subsets, main_view, select_rows
 
-HIGHER_IS_BETTER_PREFIXES = ("utility/", "reward_raw/", "class_fidelity/")
+HIGHER_IS_BETTER_PREFIXES = ("utility/", "reward_raw/", "class_fidelity/", "segmentation/", "mask_fidelity/")
 
 
 def distribution_statistics(real_rows: int, generated_rows: int
@@ -97,11 +97,16 @@ def paired_records(baseline: list[dict[str, Any]], candidate: list[dict[str, Any
             estimate = paired_seeds(other["per_seed"], row["per_seed"], lower_is_better=lower)
             fields = {"num_seeds": len(row["per_seed"]), "train_set": row.get("train_set")}
         elif isinstance(row.get("per_volume"), list) and len(row["per_volume"]) >= 2:
+            if row.get("volumes") != other.get("volumes"):  # mask fidelity: the volumes whose mask has the label
+                raise ValueError(f"{row['metric']} (label {row.get('label')}): the two sources judged different "
+                                 "volumes; a paired comparison needs samples drawn from the same masks")
             estimate = paired_per_volume(other["per_volume"], row["per_volume"], lower_is_better=lower,
                                          num_resamples=num_resamples, seed=seed)
             fields = {"num_volumes": len(row["per_volume"]), "train_set": row.get("train_set")}
         else:
             continue
+        if "label" in row:  # segmentation and mask fidelity: one row per label and the whole tumour
+            fields["label"] = row["label"]
         rows.append(comparison_record(row["metric"], estimate, extractor=row.get("extractor"), view=row["view"],
                                       **{"class": row["class"]}, **fields))
     return rows
@@ -134,7 +139,8 @@ def beyond_interval(comparison: dict[str, Any]) -> list[str]:
     for row in comparison["records"]:
         if row["verdict"] == "no difference":
             continue
-        where = ", ".join(str(v) for v in (row.get("extractor"), row.get("train_set"), f"class {row['class']}")
+        label = f"label {row['label']}" if row.get("label") else None
+        where = ", ".join(str(v) for v in (row.get("extractor"), row.get("train_set"), label, f"class {row['class']}")
                           if v)
         sentences.append(f"{row['metric']} ({where}): {row['verdict']}, {comparison['candidate']} − "
                          f"{comparison['baseline']} = {row['difference']:.3g} [{row['ci95'][0]:.3g}, "
@@ -143,4 +149,4 @@ def beyond_interval(comparison: dict[str, Any]) -> list[str]:
 
 
 def _key(row: dict[str, Any]) -> tuple:
-    return row["metric"], row.get("extractor"), row["view"], row["class"], row.get("train_set")
+    return row["metric"], row.get("extractor"), row["view"], row["class"], row.get("train_set"), row.get("label")
