@@ -53,11 +53,16 @@ class PooledConvNet(nn.Module):
 
 
 def random_flips(volumes: torch.Tensor) -> torch.Tensor:
-    """Mirror each volume along each spatial axis with probability ½ (a cheap, label-safe augmentation)."""
+    """Mirror each volume along each spatial axis with probability ½ (a cheap, label-safe augmentation).
+
+    `volumes` is [B, C, D, H, W]; a selected subset keeps that layout, so the flip axis is the spatial
+    axis itself (until 2026-12-07 it was `axis - 1`: the channels, D and H were flipped and W never,
+    which on multi-channel BraTS volumes shuffled the modalities).
+    """
     out = volumes.clone()
     for axis in range(2, volumes.ndim):
         flip = torch.rand(volumes.shape[0], device=volumes.device) < 0.5
-        out[flip] = out[flip].flip(axis - 1)
+        out[flip] = out[flip].flip(axis)
     return out
 
 

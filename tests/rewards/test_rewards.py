@@ -234,3 +234,22 @@ def test_multiscale_yaml_builds_with_trained_networks(trained_rewards: Path, tmp
     assert bool(non_differentiable_parts(reward)) == ("mask" in expected)  # only the mask rule has no gradient
     total, components = reward.score(torch.rand(3, 1, 16, 16, 16) * 2 - 1, torch.tensor([0, 1, 0]))
     assert total.shape == (3,) and len(components) == len(expected)
+
+
+def test_random_flips_mirror_spatial_axes_only_and_every_one_of_them() -> None:
+    """Channels keep their order (BraTS modalities) and each of D, H, W is mirrored in some draws."""
+    import torch
+
+    from lightning_modules.critics import random_flips
+
+    torch.manual_seed(0)
+    base = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(1, 2, 3, 4, 5)
+    volumes = base.repeat(64, 1, 1, 1, 1)
+    out = random_flips(volumes)
+    seen = set()
+    for volume in out:
+        match = [dims for dims in ([], [1], [2], [3], [1, 2], [1, 3], [2, 3], [1, 2, 3])
+                 if torch.equal(volume, base[0].flip(dims) if dims else base[0])]
+        assert match, "a volume that is not a mirror of the input along spatial axes (channels moved?)"
+        seen.update(match[0])
+    assert seen == {1, 2, 3}  # D, H and W (dims 1-3 of one volume) were each mirrored at least once
