@@ -132,6 +132,6 @@ def test_help_lists_every_verb_in_one_table(capsys: pytest.CaptureFixture) -> No
         main(["--help"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    for verb in ("pretrain", "train-autoencoder", "train-reward", "train-extractor", "finetune", "sample", "evaluate",
-                 "report", "data"):
+    for verb in ("pretrain", "train-autoencoder", "train-reward", "train-extractor", "train-controlnet", "finetune",
+                 "sample", "evaluate", "report", "data", "study", "export", "merge-lora"):
         assert f"  {verb} " in printed and verb in VERBS
