@@ -52,16 +52,17 @@ class PooledConvNet(nn.Module):
         return self.head(torch.cat([features.amax(2), features.mean(2)], dim=1))
 
 
-def random_flips(volumes: torch.Tensor) -> torch.Tensor:
+def random_flips(volumes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each volume along each spatial axis with probability ½ (a cheap, label-safe augmentation).
 
     `volumes` is [B, C, D, H, W]; a selected subset keeps that layout, so the flip axis is the spatial
     axis itself (until 2026-12-07 it was `axis - 1`: the channels, D and H were flipped and W never,
-    which on multi-channel BraTS volumes shuffled the modalities).
+    which on multi-channel BraTS volumes shuffled the modalities). Every channel of a volume is flipped
+    alike, so an image stacked with its mask stays aligned. `generator`: the draws' (None: torch's global).
     """
     out = volumes.clone()
     for axis in range(2, volumes.ndim):
-        flip = torch.rand(volumes.shape[0], device=volumes.device) < 0.5
+        flip = torch.rand(volumes.shape[0], device=volumes.device, generator=generator) < 0.5
         out[flip] = out[flip].flip(axis)
     return out
 

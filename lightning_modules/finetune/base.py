@@ -323,11 +323,16 @@ def finetune_tags(suffix: str) -> tuple[str, ...]:
 
 def metric_prefixes() -> tuple[str, ...]:
     """The metric prefixes of every fine-tuner defined (subclasses of `FinetuneBase`), PPO's first."""
-    found: list[str] = []
+    return tuple(algorithm_names())
+
+
+def algorithm_names() -> dict[str, str]:
+    """{metric prefix: the method's name (`algorithm`)} of every fine-tuner defined, PPO's first; for a prefix
+    several classes share, the first class found (breadth first: the fine-tuner before its subclasses)."""
+    found: dict[str, str] = {}
     pending = list(FinetuneBase.__subclasses__())
     while pending:
         cls = pending.pop(0)
-        if cls.metric_prefix not in found:
-            found.append(cls.metric_prefix)
+        found.setdefault(cls.metric_prefix, cls.algorithm)
         pending.extend(cls.__subclasses__())
-    return tuple(sorted(found, key=lambda p: p != "ppo"))
+    return dict(sorted(found.items(), key=lambda item: item[0] != "ppo"))

@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from msrl.evaluation.metrics import Estimate, bootstrap_mean_ci
+from msrl.evaluation.metrics import bootstrap_mean_estimate
 from msrl.evaluation.scores import class_subsets, record
 from msrl.evaluation.utility import LabelledVolumes
 
@@ -69,11 +68,8 @@ def fidelity_records(classifiers: Sequence[nn.Module], data: LabelledVolumes, se
     for name, mask in class_subsets(data.labels.cpu()).items():
         subset = correct if mask is None else correct[:, mask]
         values = subset.mean(0).numpy()
-        many = len(values) > 1
-        estimate = Estimate(float(values.mean()),
-                            bootstrap_mean_ci(values, seed=seed) if many else (float("nan"), float("nan")),
-                            float(np.std(values, ddof=1)) if many else None)
-        rows.append(record(FIDELITY_METRIC, estimate, extractor=None, view="3d", train_set=CLASSIFIER_TRAIN_SET,
+        rows.append(record(FIDELITY_METRIC, bootstrap_mean_estimate(values, seed),
+                           extractor=None, view="3d", train_set=CLASSIFIER_TRAIN_SET,
                            **{"class": name}, num_real=num_train, num_generated=len(values), seeds=list(seeds),
                            per_classifier=[float(v) for v in subset.mean(1)],
                            per_volume=[float(v) for v in values]))

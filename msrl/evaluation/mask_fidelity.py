@@ -19,11 +19,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from msrl.evaluation.metrics import Estimate, bootstrap_mean_ci
+from msrl.evaluation.metrics import bootstrap_mean_estimate
 from msrl.evaluation.scores import record
 from msrl.evaluation.segmentation import (
     SEGMENTATION_LABELS,
@@ -87,11 +86,8 @@ def mask_fidelity_records(segmenters: Sequence[nn.Module], data: MaskedVolumes, 
             log.warning("mask fidelity: no mask has region %s; no record", region)
             continue
         per_volume = subset.mean(0).numpy()
-        many = len(per_volume) > 1
-        estimate = Estimate(float(per_volume.mean()),
-                            bootstrap_mean_ci(per_volume, seed=seed) if many else (float("nan"), float("nan")),
-                            float(np.std(per_volume, ddof=1)) if many else None)
-        rows.append(record(MASK_FIDELITY_METRIC, estimate, extractor=None, view="3d", train_set=SEGMENTER_TRAIN_SET,
+        rows.append(record(MASK_FIDELITY_METRIC, bootstrap_mean_estimate(per_volume, seed),
+                           extractor=None, view="3d", train_set=SEGMENTER_TRAIN_SET,
                            label=region, **{"class": "all"}, num_real=num_train, num_generated=len(per_volume),
                            seeds=list(seeds), per_segmenter=[float(v) for v in subset.mean(1)],
                            volumes=present[region].nonzero().flatten().tolist(),

@@ -231,6 +231,13 @@ def bootstrap_mean_ci(values: np.ndarray, num_resamples: int = 1000, seed: int =
     return _percentiles(means)
 
 
+def bootstrap_mean_estimate(values: np.ndarray, seed: int = 0) -> Estimate:
+    """Mean of per-volume values with its bootstrap interval and std (NaN interval, no std for one value)."""
+    if len(values) < 2:
+        return Estimate(float(values.mean()), (float("nan"), float("nan")), None)
+    return Estimate(float(values.mean()), bootstrap_mean_ci(values, seed=seed), float(np.std(values, ddof=1)))
+
+
 def mean_t_ci(values: Sequence[float] | np.ndarray) -> Estimate:
     """Mean, std (ddof 1) and the t interval mean ± t₀.₉₇₅,ₙ₋₁ · std / √n, for a few seeds or draws.
 

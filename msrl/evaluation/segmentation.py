@@ -29,6 +29,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet
 from torch import nn
 
+from lightning_modules.critics.networks import random_flips
 from msrl.evaluation.metrics import Estimate, mean_t_ci
 from msrl.evaluation.scores import record
 
@@ -199,7 +200,7 @@ class SegmentationProtocol:
             while len(order) < self.batch_size:
                 order = torch.cat([order, torch.randperm(len(targets), generator=generator)])
             index, order = order[: self.batch_size], order[self.batch_size :]
-            pair = _random_flips(torch.cat([data.volumes[index].float(), targets[index]], dim=1), generator)
+            pair = random_flips(torch.cat([data.volumes[index].float(), targets[index]], dim=1), generator)
             loss = loss_function(network(pair[:, :-1]), pair[:, -1:].long())
             optimiser.zero_grad()
             loss.backward()
@@ -268,15 +269,6 @@ def segmentation_records(runs: Sequence[Mapping[str, float]], train_set: str, se
                    **{"class": "all"}, num_real=num_test, num_generated=num_train, seeds=list(seeds),
                    per_seed=[float(run[region]) for run in runs])
             for region, estimate in summarise(runs).items()]
-
-
-def _random_flips(volumes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each volume [N, C, D, H, W] (image and mask channels alike) along each spatial axis with probability ½."""
-    out = volumes.clone()
-    for axis in range(2, volumes.ndim):
-        flip = torch.rand(len(volumes), generator=generator) < 0.5
-        out[flip] = out[flip].flip(axis)
-    return out
 
 
 def _nanmean(values: torch.Tensor) -> float:

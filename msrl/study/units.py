@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_modules.finetune import algorithm_names
 from msrl.evaluation.comparison import HIGHER_IS_BETTER_PREFIXES
 from msrl.evaluation.scores import SCHEMA_VERSION
 from msrl.study.plan import PRETRAINED
@@ -20,7 +21,6 @@ from msrl.study.plan import PRETRAINED
 BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation
 ROW_FIELDS = ("metric", "extractor", "view", "class", "reference", "train_set", "sampler")
 Key = tuple  # a row's values of ROW_FIELDS
-ALGORITHM_NAMES = {"ppo": "PPO", "backprop": "reward backpropagation"}  # a fine-tuner's metric prefix → its name
 
 
 @dataclass
@@ -96,7 +96,7 @@ def arm_algorithm(arm: dict[str, Any]) -> str | None:
 
 def algorithm_name(prefix: str | None) -> str:
     """The reader's name of a fine-tuner from its metric prefix ("–" for a plan that does not record it)."""
-    return "–" if prefix is None else ALGORITHM_NAMES.get(prefix, prefix)
+    return "–" if prefix is None else algorithm_names().get(prefix, prefix)
 
 
 def unit_folder(out_dir: Path, arm: str, seed: int) -> Path:
