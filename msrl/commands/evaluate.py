@@ -1,12 +1,16 @@
 """`msrl evaluate`: distribution metrics per extractor, paired differences, reward, memorisation, utility, fidelity.
 
 Each `--checkpoint` is sampled at the evaluation's sampler and at the rollout sampler of every
-fine-tuned checkpoint, always with the same seeds (or each `--generated` folder of `msrl sample` is
-read); everything is compared with the held-out real volumes (FID against the training split
-beside), the fine-tuned run's reward scores every set of volumes, the utility classifiers trained on
-the real training split judge whether each volume shows its class (class fidelity), and every
-checkpoint is compared with the baseline by paired bootstrap. `metrics.json` and `metrics.md` are
-written together with the volumes they were computed on, all or nothing (docs/design.md §5).
+fine-tuned checkpoint, always with the same seeds (a ControlNet checkpoint under the held-out split's
+lesion masks), or each `--generated` folder of `msrl sample` is read; everything is compared with
+the held-out real volumes (FID against the training split beside), the fine-tuned run's reward
+scores every set of volumes, the utility classifiers trained on the real training split judge
+whether each volume shows its class (class fidelity), and every checkpoint is compared with the
+baseline by paired bootstrap. With lesion masks, segmenters trained on real, synthetic and
+real + synthetic pairs give the segmentation utility, and the real-trained ones judge whether each
+volume shows its mask (mask fidelity; msrl/commands/evaluate_masks.py). `metrics.json` and
+`metrics.md` are written together with the volumes they were computed on (and `mask_contours.png`
+when checkpoints drew from masks), all or nothing (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from jsonargparse import ArgumentParser, Namespace
 
 from datamodules.atomic import atomic_folder
 from datamodules.base import VolumeDataModule
+from msrl.commands.evaluate_masks import contour_panels
 from msrl.commands.evaluate_run import EvaluationRun
 from msrl.commands.evaluate_sources import Sampler
 from msrl.commands.parsing import command_parser
 from msrl.evaluation.extractors import FeatureExtractor, MedicalNetExtractor
+from msrl.evaluation.figures import mask_contours
+from msrl.evaluation.segmentation import SegmentationProtocol
 from msrl.evaluation.tables import metrics_markdown
 from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
 from msrl.samples import write_samples
@@ -70,6 +77,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--utility", type=UtilityProtocol, default=UtilityProtocol(), help="classifier protocol")
     parser.add_argument("--skip-utility", "--skip_utility", type=bool, default=False,
                         help="no utility classifiers (and so no class fidelity, which they judge)")
+    parser.add_argument("--segmentation", type=SegmentationProtocol, default=SegmentationProtocol(),
+                        help="segmenter protocol (segmentation utility and mask fidelity)")
+    parser.add_argument("--skip-segmentation", "--skip_segmentation", type=bool | None, default=None,
+                        help="true: no segmenters; false: segmenters even without a ControlNet checkpoint; "
+                             "default: segmenters when a ControlNet checkpoint is given and the data serves masks")
     parser.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda', …")
     parser.add_argument("--out", type=str, required=True, help="output folder (metrics.json, metrics.md, volumes)")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")
@@ -128,15 +140,16 @@ def main(argv: list[str]) -> None:
     data.prepare_data()
     data.setup("fit")
     extractors = [e.to(device) for e in (built.extractors or [MedicalNetExtractor(depth=10)])]
-    evaluate(config, built.utility, data, dict(zip(names, sources, strict=True)), extractors, device, out)
+    evaluate(config, built.utility, data, dict(zip(names, sources, strict=True)), extractors, device, out,
+             built.segmentation)
 
 
 def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModule,
              sources: dict[str, tuple[str, str]], extractors: list[FeatureExtractor], device: torch.device,
-             out: Path) -> dict[str, Any]:
+             out: Path, segmentation: SegmentationProtocol | None = None) -> dict[str, Any]:
     """Compute metrics.json's content and write it, metrics.md and the volumes into `out` (all or nothing)."""
     evaluation = Sampler(config.steps, config.eta, config.guidance_scale)
-    run = EvaluationRun(config, protocol, data, extractors, device, evaluation)
+    run = EvaluationRun(config, protocol, data, extractors, device, evaluation, segmentation)
     run.check_independence(sources)  # reads every checkpoint (weights only) before any real volume
     run.read_real()
     result = run.compute(sources)
@@ -148,6 +161,10 @@ def evaluate(config: Namespace, protocol: UtilityProtocol, data: VolumeDataModul
                           seeds=[source.seed or 0] * len(source.volumes.labels), checkpoint=source.path)
         (staging / "metrics.json").write_text(json.dumps(result, indent=1))
         (staging / "metrics.md").write_text(metrics_markdown(result))
+        panels = None if run.heldout is None else contour_panels(run.volumes, run.heldout, run.heldout_volumes,
+                                                                  evaluation)
+        if panels is not None:
+            mask_contours(*panels, staging / "mask_contours.png")
     print(metrics_markdown(result, summary_only=True))
     print(f"\nwrote {out}/metrics.json, {out}/metrics.md and the evaluated volumes under {out}/samples")
     return result

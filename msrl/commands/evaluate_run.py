@@ -18,11 +18,15 @@ from jsonargparse import Namespace
 from torch import nn
 
 from datamodules.base import VolumeDataModule
+from msrl.commands.evaluate_masks import SegmentationJudge, build_heldout, segmentation_wanted
 from msrl.commands.evaluate_sources import (
+    Heldout,
     Sampler,
     SourceVolumes,
     checkpoint_metadata,
+    is_controlnet,
     read_generated,
+    real_masks,
     real_volumes,
     reconstruct,
     sample_checkpoint,
@@ -45,6 +49,7 @@ from msrl.evaluation.scores import (
     reward_records,
     utility_records,
 )
+from msrl.evaluation.segmentation import MaskedVolumes, SegmentationProtocol
 from msrl.evaluation.utility import UTILITY_METRICS, LabelledVolumes, UtilityProtocol
 
 log = logging.getLogger(__name__)
@@ -54,8 +59,12 @@ class EvaluationRun:
     """One `msrl evaluate` computation (see the module docstring)."""
 
     def __init__(self, config: Namespace, protocol: UtilityProtocol, data: VolumeDataModule,
-                 extractors: list[FeatureExtractor], device: torch.device, evaluation: Sampler) -> None:
+                 extractors: list[FeatureExtractor], device: torch.device, evaluation: Sampler,
+                 segmentation: SegmentationProtocol | None = None) -> None:
         self.config, self.protocol, self.data, self.device, self.evaluation = config, protocol, data, device, evaluation
+        self.segmentation = segmentation or SegmentationProtocol()
+        self.heldout: Heldout | None = None  # the masks checkpoints draw from (a ControlNet, or segmentation on)
+        self.judge: SegmentationJudge | None = None  # the real-trained segmenters (segmentation on)
         self.extractors = extractors
         self.metadata: dict[str, dict[str, Any]] = {}
         self.reward: nn.Module | None = None
@@ -102,6 +111,24 @@ class EvaluationRun:
         self.utility_split = config.real_split if config.real_split in ("val", "test") else "test"
         self.train, self.test = (None, None) if config.skip_utility else (
             real_volumes(data, "train"), real_volumes(data, self.utility_split))
+        self._read_masks()
+
+    def _read_masks(self) -> None:
+        """The held-out masks when a ControlNet draws from them or segmentation runs (same split as utility)."""
+        controlnets = any(is_controlnet(info) for info in self.metadata.values())
+        serves = real_masks(self.data, "train") is not None
+        segment = segmentation_wanted(self.config.skip_segmentation, controlnets, serves)
+        if not (controlnets or segment):
+            return
+        split = self.utility_split
+        heldout = self.test if self.test is not None else real_volumes(self.data, split)
+        draws = max([len(self.segmentation.seeds) if segment else 0,
+                     0 if self.config.skip_utility else len(self.protocol.seeds)])
+        self.heldout = build_heldout(self.data, split, heldout, self.config.num_samples, draws)
+        self.heldout_volumes = heldout
+        if segment:
+            self.judge = SegmentationJudge(self.segmentation, self.heldout, heldout, self.config.batch_size,
+                                           self.config.seed)
 
     # Computation -------------------------------------------------------------------------------
     def compute(self, sources: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -116,7 +143,10 @@ class EvaluationRun:
                      "num_real": len(self.reference.labels),
                      "num_train": len(self.references["train"].labels) if "train" in self.references else None,
                      "num_test": None if self.test is None else len(self.test.labels),
-                     "utility_test_split": None if self.test is None else self.utility_split},
+                     "utility_test_split": None if self.test is None else self.utility_split,
+                     "segmentation_test_split": None if self.judge is None else self.utility_split,
+                     "num_segmentation_test": None if self.judge is None else len(self.judge.test.volumes),
+                     "num_segmentation_train": None if self.judge is None else len(self.judge.heldout.train.volumes)},
             "extractors": [e.name for e in self.extractors],
             "primary": {"metric": "fid", "extractor": self.extractors[0].name,
                         "view": main_view(cache.real[config.real_split][self.extractors[0].name]),
@@ -129,11 +159,11 @@ class EvaluationRun:
         features: dict[str, Features] = {}
         records: dict[str, list[dict[str, Any]]] = {}
         for name, (kind, path) in sources.items():
-            for source, draws in self._load(name, kind, path, samplers):
+            for source, draws, pairs in self._load(name, kind, path, samplers):
                 print(f"msrl evaluate: {source.key}: {len(source.volumes.labels)} volumes, computing metrics",
                       flush=True)
                 features[source.key] = cache.features(source.volumes.volumes)
-                records[source.key] = self._records(cache, source, features[source.key], draws)
+                records[source.key] = self._records(cache, source, features[source.key], draws, pairs)
                 result["entries"].append({**source_entry(source), "num_samples": len(source.volumes.labels),
                                           "samples_dir": "samples/" + source.key.replace("/", "_").replace(" ", "_"),
                                           "records": records[source.key]})
@@ -142,21 +172,28 @@ class EvaluationRun:
         return result
 
     def _load(self, name: str, kind: str, path: str, samplers: list[Sampler]
-              ) -> list[tuple[SourceVolumes, list[LabelledVolumes]]]:
+              ) -> list[tuple[SourceVolumes, list[LabelledVolumes], list[MaskedVolumes]]]:
+        """Each of the source's volume sets with its utility draws and (a ControlNet's) synthetic pairs."""
         config = self.config
         if kind == "checkpoint":
+            controlnet = is_controlnet(self.metadata[path])
             extra = 0 if config.skip_utility else max(len(self.protocol.seeds) - 1, 0)
-            sampled, draws = sample_checkpoint(name, path, samplers, self.evaluation, config.num_samples, config.seed,
-                                               config.batch_size, self.data, self.device, extra_draws=extra)
-            return [(s, [s.volumes, *draws] if s.sampler == self.evaluation else []) for s in sampled]
+            sampled, draws, pairs = sample_checkpoint(
+                name, path, samplers, self.evaluation, config.num_samples, config.seed, config.batch_size, self.data,
+                self.device, extra_draws=extra, controlnet=controlnet, heldout=self.heldout)
+            if not controlnet:  # a ControlNet's first draw is from held-out masks: never a training set
+                draws = [sampled[0].volumes, *draws]
+            return [(s, draws, pairs) if s.sampler == self.evaluation else (s, [], []) for s in sampled]
         if kind == "generated":
             source = read_generated(name, path, self.data)
-            return [(source, [source.volumes])]
-        source = reconstruct(name, path, self.reference, config.batch_size, self.device, config.real_split)
-        return [(source, [])]  # reconstructions of held-out volumes would leak into utility
+            return [(source, [source.volumes], [])]
+        # reconstructions of held-out volumes would leak into utility; they carry the masks of the split they show
+        masks = self.heldout.masks if self.heldout is not None and config.real_split == self.utility_split else None
+        source = reconstruct(name, path, self.reference, config.batch_size, self.device, config.real_split, masks)
+        return [(source, [], [])]
 
     def _records(self, cache: FeatureCache, source: SourceVolumes, features: Features,
-                 draws: list[LabelledVolumes]) -> list[dict[str, Any]]:
+                 draws: list[LabelledVolumes], pairs: list[MaskedVolumes]) -> list[dict[str, Any]]:
         config, volumes = self.config, source.volumes
         rows = distribution_records(cache, features, volumes.labels, config.bootstrap, config.kid_subsets, config.seed)
         rows += diversity_records(volumes.volumes, config.ms_ssim_pairs, config.seed)
@@ -168,6 +205,10 @@ class EvaluationRun:
             rows += self._utility([self.train + s for s in sets], "real+synthetic")
         if self.classifiers:  # every source and sampler, reconstructions included
             rows += self._fidelity(volumes)
+        if self.judge is not None and pairs:
+            rows += self.judge.utility_records(pairs)
+        if self.judge is not None and source.masked is not None:
+            rows += self.judge.fidelity(source.masked)
         sampler = None if source.sampler is None else source.sampler.label
         return [{**row, "sampler": sampler} for row in rows]
 
@@ -180,6 +221,8 @@ class EvaluationRun:
             runs = [self.protocol.test(network, self.test, self.data.num_classes) for network in self.classifiers]
             rows += self._utility_rows(runs, len(self.train.labels), "real")
             rows += self._fidelity(self.test)  # the ceiling: the classifiers on held-out real volumes
+        if self.judge is not None:  # trained once per segmentation seed and kept: they also judge mask fidelity
+            rows += self.judge.real_records()
         return rows
 
     def _utility(self, train_sets: list[LabelledVolumes], train_set: str) -> list[dict[str, Any]]:

@@ -5,6 +5,12 @@ checkpoint recorded (the sampler PPO trained), always with the same seeds, so tw
 sampled at one sampler are paired volume by volume (docs/design.md §5). Folders of `msrl sample`
 and first-stage reconstructions are read as they are. Fine-tuned checkpoints also say which reward
 trained them; `reward_of` rebuilds it so the evaluated volumes can be scored with it.
+
+A ControlNet checkpoint (`msrl train-controlnet`, recognised by `msrl_controlnet`) draws volume i
+from the held-out mask assigned to it (`assign_masks`); a plain checkpoint draws the same labels at
+the same seeds and ignores the mask, so both pair volume by volume (mask fidelity's "no mask
+conditioning" row). Its synthetic training pairs come from the training split's masks instead:
+volumes drawn from held-out masks would leak the test lesions into what the utility networks learn.
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ import torch
 
 from datamodules.base import VolumeDataModule
 from lightning_modules.checkpoint_io import load_weights
+from lightning_modules.controlnet import CONTROLNET_KEY, ControlNetModule
+from lightning_modules.diffusion.module import DiffusionModule
 from msrl.evaluation.extractors import file_digest
+from msrl.evaluation.segmentation import MaskedVolumes
 from msrl.evaluation.utility import LabelledVolumes
 from msrl.samples import draw_volumes, load_checkpoint, read_samples
+
+SYNTHETIC_PAIRS_SEED = 100_000  # training-mask draw k is seeded seed + 100 000 + 10 000·k (no evaluation draw's noise)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,12 @@ class SourceVolumes:
     sampler: Sampler | None = None
     seed: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    masks: torch.Tensor | None = None  # [N, 1, S, S, S]: the held-out mask each volume is judged against
+
+    @property
+    def masked(self) -> MaskedVolumes | None:
+        """The volumes with their masks (None when the source has none)."""
+        return None if self.masks is None else MaskedVolumes(self.volumes.volumes, self.masks)
 
     @property
     def key(self) -> str:
@@ -69,10 +86,71 @@ def real_volumes(data: VolumeDataModule, split: str) -> LabelledVolumes:
                            torch.tensor([int(item["label"]) for item in items]))
 
 
+def real_masks(data: VolumeDataModule, split: str) -> torch.Tensor | None:
+    """Lesion masks [N, 1, S, S, S] (label codes) of one split, in `real_volumes`' order; None if it serves no `seg`."""
+    names = ["train", "val", "test"] if split == "all" else [split]
+    items = [data.datasets[name][i] for name in names for i in range(len(data.datasets[name]))]
+    if not items or any("seg" not in item for item in items):
+        return None
+    return torch.stack([item["seg"] for item in items]).to(torch.uint8)
+
+
+def assign_masks(labels: torch.Tensor | None, heldout_labels: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The held-out volume whose mask volume i is drawn from: the next held-out volume of its class, cycling.
+
+    Args:
+        labels: the class of each drawn volume [N] (None: unconditional, every held-out volume in turn).
+        heldout_labels: the held-out volumes' classes.
+        num_samples: volumes drawn.
+    """
+    if labels is None:
+        return torch.arange(num_samples) % len(heldout_labels)
+    chosen, used = [], {}
+    for label in labels.tolist():
+        pool = torch.nonzero(heldout_labels == label).flatten()
+        if len(pool) == 0:
+            raise ValueError(f"the held-out split has no volume of class {label}, whose mask a class-{label} "
+                             "volume would be drawn from")
+        chosen.append(int(pool[used.get(label, 0) % len(pool)]))
+        used[label] = used.get(label, 0) + 1
+    return torch.tensor(chosen)
+
+
 def checkpoint_metadata(path: str) -> dict[str, Any]:
-    """`msrl_rollout` and `msrl_reward` of a checkpoint (empty for a pretraining checkpoint)."""
+    """`msrl_rollout`, `msrl_reward` and `msrl_controlnet` of a checkpoint (empty for a pretraining checkpoint)."""
     checkpoint = load_weights(path)
-    return {key: checkpoint[key] for key in ("msrl_rollout", "msrl_reward") if key in checkpoint}
+    return {key: checkpoint[key] for key in ("msrl_rollout", "msrl_reward", CONTROLNET_KEY) if key in checkpoint}
+
+
+def is_controlnet(metadata: dict[str, Any]) -> bool:
+    """Whether a checkpoint's metadata (`checkpoint_metadata`) is a ControlNet's."""
+    return CONTROLNET_KEY in metadata
+
+
+def load_generator(path: str, device: torch.device, controlnet: bool) -> DiffusionModule | ControlNetModule:
+    """The model of a checkpoint, ready to sample: a ControlNet with its base, or a diffusion model."""
+    if not controlnet:
+        return load_checkpoint(path, device)
+    return ControlNetModule.from_msrl_checkpoint(path).to(device).eval()
+
+
+def draw(model: DiffusionModule | ControlNetModule, count: int, labels: torch.Tensor | None,
+         masks: torch.Tensor | None, sampler: Sampler, seed: int, batch_size: int) -> torch.Tensor:
+    """Volumes drawn in batches seeded `seed + start` (as `draw_volumes`); a ControlNet under `masks`, else none.
+
+    A ControlNet and its base draw the same noise at the same seeds, so they pair volume by volume.
+    """
+    if not isinstance(model, ControlNetModule):
+        return draw_volumes(model, count, labels, steps=sampler.steps, eta=sampler.eta,
+                            guidance_scale=sampler.guidance_scale, seed=seed, batch_size=batch_size)[0]
+    if masks is None:
+        raise ValueError("a ControlNet draws from lesion masks, and the data serves none (no 'seg' key)")
+    volumes = []
+    for start in range(0, count, batch_size):
+        chunk = slice(start, start + batch_size)
+        volumes.append(model.generate(masks[chunk], None if labels is None else labels[chunk], num_steps=sampler.steps,
+                                      eta=sampler.eta, guidance_scale=sampler.guidance_scale, seed=seed + start).cpu())
+    return torch.cat(volumes)
 
 
 def rollout_sampler(metadata: dict[str, Any]) -> Sampler | None:
@@ -93,36 +171,69 @@ def samplers_for(evaluation: Sampler, metadata: dict[str, dict[str, Any]]) -> li
     return samplers
 
 
+@dataclass
+class Heldout:
+    """The masks checkpoints draw from: held-out masks for evaluation, training masks for synthetic pairs.
+
+    Attributes:
+        masks: [M, 1, S, S, S] the held-out split's masks; volume i is drawn from masks[index[i]].
+        index: [N] the held-out volume assigned to each drawn volume (`assign_masks`).
+        train: the training split's volumes with their masks, and `train_labels` their classes.
+        pair_draws: independent draws from the training masks a ControlNet makes (one per utility seed).
+    """
+
+    masks: torch.Tensor
+    index: torch.Tensor
+    train: MaskedVolumes
+    train_labels: torch.Tensor
+    pair_draws: int
+
+
 def sample_checkpoint(name: str, path: str, samplers: list[Sampler], evaluation: Sampler, num_samples: int,
                       seed: int, batch_size: int, data: VolumeDataModule, device: torch.device,
-                      extra_draws: int = 0) -> tuple[list[SourceVolumes], list[LabelledVolumes]]:
-    """The checkpoint's volumes at every sampler (same seeds), plus `extra_draws` independent draws.
+                      extra_draws: int = 0, controlnet: bool = False, heldout: Heldout | None = None
+                      ) -> tuple[list[SourceVolumes], list[LabelledVolumes], list[MaskedVolumes]]:
+    """The checkpoint's volumes at every sampler (same seeds), its utility draws and its synthetic pairs.
 
-    The extra draws (evaluation sampler, seeds offset by 10 000 per draw) are training sets for the
-    utility classifiers of later seeds: synthetic utility then covers independent synthetic data.
+    A plain checkpoint's `extra_draws` (evaluation sampler, seeds offset by 10 000 per draw) are
+    training sets for the utility classifiers of later seeds: synthetic utility then covers
+    independent synthetic data. A ControlNet draws `heldout.pair_draws` sets from the training
+    split's masks instead, each volume with its own class: the training sets of both the
+    segmenters (pairs) and the classifiers (labelled volumes). With `heldout`, every volume carries
+    the held-out mask it was drawn from (a ControlNet) or is judged against (a plain checkpoint).
     """
-    model = load_checkpoint(path, device)
+    if controlnet and heldout is None:
+        raise ValueError(f"--checkpoint {path} is a ControlNet: it needs the held-out lesion masks to draw from")
+    model = load_generator(path, device, controlnet)
     num_classes = model.hparams.num_classes
     if num_classes != data.num_classes:
         raise ValueError(f"--checkpoint {path} has {num_classes} classes, the data {data.num_classes}")
     labels = torch.arange(num_samples) % max(num_classes, 1)
     conditional = labels if num_classes else None
-    digest = file_digest(path)
+    masks = None if heldout is None else heldout.masks[heldout.index]
+    info = {"sha256_8": file_digest(path)}
+    if heldout is not None:
+        info["mask_conditioned"] = controlnet
     out = []
     for sampler in samplers:
-        volumes, _ = draw_volumes(model, num_samples, conditional, steps=sampler.steps, eta=sampler.eta,
-                                  guidance_scale=sampler.guidance_scale, seed=seed, batch_size=batch_size)
+        volumes = draw(model, num_samples, conditional, masks, sampler, seed, batch_size)
         check_size(volumes, data, "checkpoint", path)
         entry_name = name if sampler == evaluation else f"{name} [{sampler.label}]"
         out.append(SourceVolumes(name, "checkpoint", path, LabelledVolumes(volumes, labels), sampler, seed,
-                                 {"entry_name": entry_name, "sha256_8": digest}))
+                                 {"entry_name": entry_name, **info}, masks))
+    if controlnet:
+        pairs = []
+        train_labels = heldout.train_labels if num_classes else None
+        for k in range(heldout.pair_draws):
+            volumes = draw(model, len(heldout.train_labels), train_labels, heldout.train.masks, evaluation,
+                           seed + SYNTHETIC_PAIRS_SEED + 10_000 * k, batch_size)
+            pairs.append(MaskedVolumes(volumes, heldout.train.masks))
+        return out, [LabelledVolumes(p.volumes, heldout.train_labels) for p in pairs], pairs
     draws = []
-    for draw in range(1, extra_draws + 1):
-        volumes, _ = draw_volumes(model, num_samples, conditional, steps=evaluation.steps, eta=evaluation.eta,
-                                  guidance_scale=evaluation.guidance_scale, seed=seed + 10_000 * draw,
-                                  batch_size=batch_size)
+    for k in range(1, extra_draws + 1):
+        volumes = draw(model, num_samples, conditional, None, evaluation, seed + 10_000 * k, batch_size)
         draws.append(LabelledVolumes(volumes, labels))
-    return out, draws
+    return out, draws, []
 
 
 def read_generated(name: str, path: str, data: VolumeDataModule) -> SourceVolumes:
@@ -136,7 +247,7 @@ def read_generated(name: str, path: str, data: VolumeDataModule) -> SourceVolume
 
 @torch.no_grad()
 def reconstruct(name: str, path: str, reference: LabelledVolumes, batch_size: int, device: torch.device,
-                split: str) -> SourceVolumes:
+                split: str, masks: torch.Tensor | None = None) -> SourceVolumes:
     """The first stage's reconstructions of the reference volumes: the FID floor of a latent generator."""
     from lightning_modules.diffusion.latent import LatentSpace
 
@@ -144,7 +255,7 @@ def reconstruct(name: str, path: str, reference: LabelledVolumes, batch_size: in
     volumes = torch.cat([first_stage.decode(first_stage.encode(chunk.to(device))).cpu()
                          for chunk in reference.volumes.split(batch_size)])
     return SourceVolumes(name, "autoencoder", path, LabelledVolumes(volumes, reference.labels),
-                         info={"sha256_8": file_digest(path), "reconstructs": f"the {split} real volumes"})
+                         info={"sha256_8": file_digest(path), "reconstructs": f"the {split} real volumes"}, masks=masks)
 
 
 def check_size(volumes: torch.Tensor, data: VolumeDataModule, kind: str, path: str | Path) -> None:

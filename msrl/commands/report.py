@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from msrl.evaluation.figures import (
     read_scalars,
     slice_comparison,
 )
-from msrl.evaluation.tables import metrics_markdown, paired_markdown, paired_rows, summary_rows
+from msrl.evaluation.tables import (
+    mask_fidelity_rows,
+    mask_paired_rows,
+    metrics_markdown,
+    paired_markdown,
+    paired_rows,
+    segmentation_rows,
+    summary_rows,
+)
 from msrl.samples import read_samples
 
 CURVES = {
@@ -118,7 +127,12 @@ def draw(folder: Path, runs: dict[str, dict], evaluations: dict[Path, dict[str, 
         histogram = histogram_figure(sources, folder / f"{prefix}histograms.png")
         if histogram is not None:
             figures.append((histogram.name, "foreground intensity histograms, real vs each model"))
+        if (source / "mask_contours.png").is_file():  # drawn by msrl evaluate, which alone kept the masks
+            shutil.copyfile(source / "mask_contours.png", folder / f"{prefix}mask_contours.png")
+            figures.append((f"{prefix}mask_contours.png", "held-out lesion masks' contours over the volume each "
+                            "source drew from them (real first), axial slice through the lesion's centre"))
         tables = [paired_rows(result)] if result.get("comparisons") else []
+        tables += [t for t in (segmentation_rows(result), mask_fidelity_rows(result), mask_paired_rows(result)) if t]
         words = [line for line in paired_markdown(result) if line.startswith(("Beyond", "No "))]
         sections.append({"title": f"Evaluation {source}", "tables": [*tables, summary_rows(result)], "words": words,
                          "markdown": metrics_markdown(result, summary_only=True), "figures": figures})

@@ -1,4 +1,4 @@
-"""The report's figures: training curves from TensorBoard events, metric bars, slices, histograms.
+"""The report's figures: training curves from TensorBoard events, metric bars, slices, histograms, mask contours.
 
 Every function writes one PNG and returns its path (None when the inputs hold nothing to draw).
 """
@@ -14,9 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
 from datamodules.preprocessing import FOREGROUND_THRESHOLD, foreground_histogram  # noqa: E402
+from lightning_modules.controlnet import BRATS_LABELS  # noqa: E402
 from lightning_modules.slices import PLANES, plane_slices  # noqa: E402
 from lightning_modules.visualize import orthogonal_slices  # noqa: E402
 from msrl.evaluation.tables import find, main_view  # noqa: E402
@@ -210,6 +212,57 @@ def paired_forest(result: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("difference / max(|interval end|) (each row scaled to its own interval)")
     ax.set_title("candidate − baseline, paired; green: better, red: worse, grey: no difference", fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+CONTOUR_COLOURS = {1: "tab:red", 2: "tab:green", 4: "tab:orange"}  # necrotic core, oedema, enhancing tumour
+
+
+def lesion_centre_slice(mask: torch.Tensor) -> int:
+    """The axial slice (last axis, inferior→superior) through the centre of mass of a mask [1, D, H, W]'s lesion."""
+    weights = (mask[0] > 0).float().sum((0, 1))
+    if not weights.any():
+        raise ValueError("the mask has no lesion voxel: no slice through its centre")
+    return int(torch.round((weights * torch.arange(len(weights))).sum() / weights.sum()))
+
+
+def mask_contours(rows: dict[str, torch.Tensor], masks: torch.Tensor, path: Path) -> Path:
+    """One row per source (the real volumes first), one column per mask: the axial slice through the
+    lesion's centre in grey, each label's contour drawn over it in its colour.
+
+    Args:
+        rows: {source name: volumes [K, C, S, S, S] in [-1, 1]}, volume k drawn from (or showing) masks[k].
+        masks: [K, 1, S, S, S] label codes (BraTS: 1, 2, 4).
+        path: the PNG written.
+    """
+    count = len(masks)
+    fig, axes = plt.subplots(len(rows), count, figsize=(max(2.3 * count + 1.0, 6.0), 2.3 * len(rows) + 0.9),
+                             squeeze=False)
+    present = sorted(int(v) for v in masks.unique().tolist() if v)
+    for c in range(count):
+        w = lesion_centre_slice(masks[c])
+        mask_slice = masks[c, 0, :, :, w].T.flip(0)  # as orthogonal_slices: rows anterior→posterior, columns along D
+        for r, (name, volumes) in enumerate(rows.items()):
+            ax = axes[r][c]
+            ax.imshow(volumes[c, 0, :, :, w].T.flip(0).float().numpy(), cmap="gray", vmin=-1, vmax=1)
+            for label in present:
+                if (mask_slice == label).any():
+                    ax.contour((mask_slice == label).float().numpy(), levels=[0.5],
+                               colors=[CONTOUR_COLOURS.get(label, "tab:blue")], linewidths=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"mask #{c + 1}, z = {w}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+    handles = [Line2D([], [], color=CONTOUR_COLOURS.get(label, "tab:blue"),
+                      label=f"{BRATS_LABELS.get(label, 'label')} ({label})") for label in present]
+    fig.legend(handles=handles, loc="lower center", ncol=max(len(handles), 1), fontsize=8)
+    fig.suptitle("held-out masks (contours) over the volume each source drew from them\n"
+                 "(axial slice through the lesion's centre; real: the volume the mask belongs to)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.55 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

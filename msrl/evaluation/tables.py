@@ -1,4 +1,5 @@
-"""Markdown tables of metrics.json: the paired differences first, a summary per model, every number in full."""
+"""Markdown tables of metrics.json: the paired differences first, a summary per model, the segmentation utility
+and mask fidelity (when masks were evaluated), every number in full."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from typing import Any
 
 from msrl.evaluation.comparison import beyond_interval
 from msrl.evaluation.fidelity import FIDELITY_METRIC
+from msrl.evaluation.mask_fidelity import MASK_FIDELITY_METRIC
+from msrl.evaluation.segmentation import SEGMENTATION_METRIC, TRAIN_SETS, WHOLE_TUMOUR
+
+REGION_NAMES = {"1": "core (1)", "2": "oedema (2)", "4": "enhancing (4)", WHOLE_TUMOUR: "whole tumour"}
 
 
 def find(records: list[dict[str, Any]], metric: str, **fields: Any) -> dict[str, Any] | None:
@@ -36,6 +41,12 @@ def format_value(row: dict[str, Any] | None, digits: int = 3) -> str:
     if row.get("std") is not None:
         return f"{value} ± {row['std']:.2g}"
     return value
+
+
+def metric_name(row: dict[str, Any]) -> str:
+    """The metric, with its region for segmentation and mask fidelity rows: `mask_fidelity/dice [whole tumour]`."""
+    label = row.get("label")
+    return row["metric"] if label is None else f"{row['metric']} [{REGION_NAMES.get(label, label)}]"
 
 
 def format_difference(row: dict[str, Any], digits: int = 3) -> str:
@@ -109,9 +120,95 @@ def paired_rows(result: dict[str, Any], all_classes_only: bool = True) -> tuple[
         for row in ordered:  # class fidelity per class too: class 1 drawn without its lesion is the point
             if all_classes_only and row["class"] != "all" and row["metric"] != FIDELITY_METRIC:
                 continue
-            rows.append([title, row["metric"], row.get("extractor") or row.get("train_set") or "–", row["class"],
+            if all_classes_only and row["metric"] in (SEGMENTATION_METRIC, MASK_FIDELITY_METRIC):
+                continue  # per region in their own table (`mask_paired_rows`)
+            rows.append([title, metric_name(row), row.get("extractor") or row.get("train_set") or "–", row["class"],
                          format_difference(row), row["verdict"]])
     return header, rows
+
+
+def regions(result: dict[str, Any], metric: str) -> list[str]:
+    """The regions ("1", "2", "4", "whole_tumour") some record of `metric` has, labels first."""
+    found = {row["label"] for records in [result["real"]["records"]] + [e["records"] for e in result["entries"]]
+             for row in records if row["metric"] == metric}
+    return sorted(found, key=lambda region: (region == WHOLE_TUMOUR, len(region), region))
+
+
+def segmentation_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Train set × region: mean Dice on the held-out real masks [t-interval over seeds]; None without records."""
+    names = regions(result, SEGMENTATION_METRIC)
+    if not names:
+        return None
+    header = ["source", "train set", "seeds"] + [f"Dice {REGION_NAMES.get(r, r)}" for r in names]
+    rows = []
+    sources = [("real data", result["real"]["records"])] + [(e["name"], e["records"]) for e in result["entries"]]
+    for source, records in sources:
+        for train_set in TRAIN_SETS:
+            found = [find(records, SEGMENTATION_METRIC, train_set=train_set, label=r) for r in names]
+            if any(found):
+                seeds = next(row for row in found if row)["seeds"]
+                rows.append([source, train_set, str(len(seeds))] + [format_value(row) for row in found])
+    return header, rows
+
+
+def mask_fidelity_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Source × region: mean Dice of the real-trained segmenters against each volume's mask [bootstrap interval]."""
+    names = regions(result, MASK_FIDELITY_METRIC)
+    if not names:
+        return None
+    header = ["source", "sampler", "masks"] + [f"Dice {REGION_NAMES.get(r, r)} (n)" for r in names]
+    rows = []
+    ceiling = [find(result["real"]["records"], MASK_FIDELITY_METRIC, label=r) for r in names]
+    if any(ceiling):
+        rows.append(["real data", "–", "its own (the ceiling)"] + [_with_count(row) for row in ceiling])
+    for entry in result["entries"]:
+        found = [find(entry["records"], MASK_FIDELITY_METRIC, label=r) for r in names]
+        if not any(found):
+            continue
+        source = entry.get("source", {})
+        how = ("reconstructed (the latent floor)" if "autoencoder" in source else
+               "drawn from" if source.get("mask_conditioned") else "ignored (class label only)")
+        rows.append([entry["name"], (entry.get("sampling") or {}).get("label", "–"), how]
+                    + [_with_count(row) for row in found])
+    return header, rows
+
+
+def mask_paired_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """The paired differences of segmentation utility and mask fidelity, per region, with their verdicts."""
+    header = ["candidate − baseline", "metric", "train set", "difference [95 % CI]", "verdict", "paired over"]
+    rows = []
+    for comparison in result.get("comparisons", []):
+        for row in comparison["records"]:
+            if row["metric"] in (SEGMENTATION_METRIC, MASK_FIDELITY_METRIC):
+                over = (f"{row['num_volumes']} volumes" if "num_volumes" in row else f"{row.get('num_seeds')} seeds")
+                rows.append([f"{comparison['candidate']} − {comparison['baseline']}", metric_name(row),
+                             row.get("train_set") or "–", format_difference(row), row["verdict"], over])
+    return (header, rows) if rows else None
+
+
+def _with_count(row: dict[str, Any] | None) -> str:
+    return "–" if row is None else f"{format_value(row)} ({row['num_generated']})"
+
+
+def mask_markdown(result: dict[str, Any]) -> list[str]:
+    """The segmentation utility and mask fidelity sections (nothing when no masks were evaluated)."""
+    text = []
+    utility = segmentation_rows(result)
+    if utility is not None:
+        data = result["data"]
+        text += [f"## Segmentation utility (Dice on the {data.get('num_segmentation_test')} held-out real volumes of "
+                 f"the {data.get('segmentation_test_split')} split; mean [t-interval over seeds])", "",
+                 markdown_table(*utility), ""]
+    fidelity = mask_fidelity_rows(result)
+    if fidelity is not None:
+        text += ["## Mask fidelity (the real-trained segmenters' Dice against the mask each volume was drawn from; "
+                 "n: volumes whose mask has the region; bootstrap interval over volumes)", "",
+                 markdown_table(*fidelity), ""]
+    paired = mask_paired_rows(result)
+    if paired is not None:
+        text += ["Paired (same masks, same seeds; mask fidelity pairs volumes, segmentation utility seeds):", "",
+                 markdown_table(*paired), ""]
+    return text
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -152,10 +249,11 @@ def metrics_markdown(result: dict[str, Any], summary_only: bool = False) -> str:
             f"Primary metric: {primary.get('metric', 'fid').upper()} with {primary.get('extractor')} "
             f"({primary.get('view')}) against the {primary.get('reference')} split.", ""]
     text += paired_markdown(result)
-    text += ["## Summary", "", markdown_table(header, rows)]
+    text += ["## Summary", "", markdown_table(header, rows), ""]
+    text += mask_markdown(result)
     if summary_only:
-        return "\n".join(text)
-    text += ["", "Lower is better for FID, KID and MMD; MS-SSIM near the real data's is the goal (lower = more "
+        return "\n".join(text).rstrip("\n")
+    text += ["Lower is better for FID, KID and MMD; MS-SSIM near the real data's is the goal (lower = more "
              "diverse). Intervals are 95 %: bootstrap over volumes for distribution metrics and rewards, a "
              "t-interval over classifier seeds (each with its own synthetic draw) for utility. Class fidelity is "
              "the share of volumes of a class that the utility classifiers trained on real volumes (one per "
@@ -169,9 +267,9 @@ def metrics_markdown(result: dict[str, Any], summary_only: bool = False) -> str:
     for name, records in [("real data", result["real"]["records"])] + [(e["name"], e["records"])
                                                                        for e in result["entries"]]:
         for row in records:
-            full_rows.append([name, row.get("sampler") or "–", row["metric"], row.get("extractor") or "–", row["view"],
-                              row["class"], row.get("reference") or row.get("train_set") or "–", format_value(row),
-                              str(row["num_real"]), str(row["num_generated"])])
+            full_rows.append([name, row.get("sampler") or "–", metric_name(row), row.get("extractor") or "–",
+                              row["view"], row["class"], row.get("reference") or row.get("train_set") or "–",
+                              format_value(row), str(row["num_real"]), str(row["num_generated"])])
     text.append(markdown_table(full_header, full_rows))
     if result.get("comparisons"):
         header, rows = paired_rows(result, all_classes_only=False)

@@ -19,7 +19,8 @@ from msrl.evaluation.scores import SCHEMA_VERSION
 from msrl.study.plan import PRETRAINED
 
 BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation
-ROW_FIELDS = ("metric", "extractor", "view", "class", "reference", "train_set", "sampler")
+# label: the region of segmentation and mask-fidelity rows (None for every other metric)
+ROW_FIELDS = ("metric", "extractor", "view", "class", "reference", "train_set", "sampler", "label")
 Key = tuple  # a row's values of ROW_FIELDS
 
 
