@@ -8,6 +8,7 @@ rewards/loading.py).
 
 from lightning_modules.finetune.reward import (
     Reward,
+    mask_reading_parts,
     non_differentiable_parts,
     raw_reward_scores,
     reward_networks,
@@ -15,6 +16,7 @@ from lightning_modules.finetune.reward import (
 )
 from rewards.clinical import ClassifierReward
 from rewards.loading import check_network_files, check_reward_networks, reward_from_checkpoint, reward_from_config
+from rewards.mask import MaskFidelityReward
 from rewards.multiscale import MultiScaleReward
 from rewards.rules import (
                            BrainMaskPlausibilityReward,
@@ -26,6 +28,7 @@ from rewards.slice2d import SliceCriticReward
 from rewards.volume3d import VolumeCriticReward
 
 __all__ = ["BrainMaskPlausibilityReward", "ClassifierReward", "HemisphericSymmetryReward", "IntensityHistogramReward",
-           "InterSliceContinuityReward", "MultiScaleReward", "Reward", "SliceCriticReward", "VolumeCriticReward",
-           "check_network_files", "check_reward_networks", "non_differentiable_parts", "raw_reward_scores",
-           "reward_from_checkpoint", "reward_from_config", "reward_networks", "score_components"]
+           "InterSliceContinuityReward", "MaskFidelityReward", "MultiScaleReward", "Reward", "SliceCriticReward",
+           "VolumeCriticReward", "check_network_files", "check_reward_networks", "mask_reading_parts",
+           "non_differentiable_parts", "raw_reward_scores", "reward_from_checkpoint", "reward_from_config",
+           "reward_networks", "score_components"]

@@ -1,7 +1,8 @@
 """`MultiScaleReward`: named reward components, each normalised, combined with weights.
 
 PPO trains on the normalised total; whether the reward rose is read from the raw scores
-(`raw_scores`: each component's own value and Σ_k w_k · r_k), which no statistics move.
+(`raw_scores`: each component's own value and Σ_k w_k · r_k), which no statistics move. Lesion masks,
+where given, reach the components that read them (`needs_masks`, e.g. `MaskFidelityReward`) and no other.
 """
 
 from __future__ import annotations
@@ -57,14 +58,15 @@ class MultiScaleReward(Reward):
         self.normalise, self.track_statistics, self.freeze_after = normalise, track_statistics, freeze_after
         self.running = RunningMoments(len(components), momentum)
 
-    def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted total [B]."""
-        return self.score(volumes, labels)[0]
+        return self.score(volumes, labels, masks)[0]
 
-    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None
+    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The normalised total [B] and every component's raw values ({name: [B]})."""
-        raw = self._raw_components(volumes, labels)
+        raw = self._raw_components(volumes, labels, masks)
         stacked = torch.stack([raw[n] for n in self.names]).double()  # [K, B]
         if self.normalise:
             frozen = self.freeze_after is not None and int(self.running.count.min()) >= self.freeze_after
@@ -85,18 +87,21 @@ class MultiScaleReward(Reward):
         weights = torch.tensor(self.weights, dtype=torch.float64, device=stacked.device)
         return (weights[:, None] * stacked).sum(0).float()
 
-    def raw_scores(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def raw_scores(self, volumes: torch.Tensor, labels: torch.Tensor | None = None,
+                   masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every component's raw values and their weighted sum under "total" ({name: [B]}).
 
         The statistics are neither read nor updated: a freshly built reward scores like the trained one.
         """
-        raw = self._raw_components(volumes, labels)
+        raw = self._raw_components(volumes, labels, masks)
         return {**raw, RAW_TOTAL: self.raw_total(raw)}
 
-    def _raw_components(self, volumes: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _raw_components(self, volumes: torch.Tensor, labels: torch.Tensor | None,
+                        masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
         raw = {}
         for name, component in zip(self.names, self.components, strict=True):
-            value, _ = score_components(component, volumes, labels)  # checks shape and finiteness, by name
+            # checks shape and finiteness, by name; masks only reach the components that read them
+            value, _ = score_components(component, volumes, labels, masks)
             raw[name] = value
         return raw
 

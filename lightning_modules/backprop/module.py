@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from datamodules.base import VolumeDataModule
 from lightning_modules.diffusion.lora import DEFAULT_TARGETS
 from lightning_modules.finetune.base import Denoiser, FinetuneBase
 from lightning_modules.finetune.reward import non_differentiable_parts
@@ -67,6 +68,10 @@ class RewardBackpropModule(FinetuneBase):
         image_every_n_iterations: log middle slices of the samples every k iterations.
         seed: seed of the samples' noise and of K (with the iteration and sample index: resumable).
         max_nonfinite_steps: a step with non-finite gradients is skipped and counted; this many in a row stop.
+        controlnet_checkpoint: an `msrl train-controlnet` checkpoint of `init_checkpoint`: every sample is drawn
+            from a lesion mask through this frozen ControlNet, whose residuals the gradient passes through
+            (lightning_modules/finetune/masks.py); None: no masks.
+        mask_data: with `controlnet_checkpoint`, the data module whose training split's masks are drawn.
     """
 
     metric_prefix = "backprop"
@@ -80,7 +85,8 @@ class RewardBackpropModule(FinetuneBase):
         lora_targets: Sequence[str] = DEFAULT_TARGETS, lr: float = 1e-4, weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999), lr_warmup_iterations: int = 0, max_grad_norm: float = 1.0,
         ema_decay: float = 0.9, iterations_per_epoch: int = 5, image_every_n_iterations: int = 5, seed: int = 0,
-        max_nonfinite_steps: int = 5,
+        max_nonfinite_steps: int = 5, controlnet_checkpoint: str | None = None,
+        mask_data: VolumeDataModule | None = None,
     ) -> None:
         super().__init__()
         if eta < 0:
@@ -94,8 +100,8 @@ class RewardBackpropModule(FinetuneBase):
             raise ValueError(f"reward backpropagation needs a differentiable reward; these parts are not: "
                              f"{', '.join(refused)}. Remove them from the reward (or fine-tune with PPO, "
                              "lightning_modules.PPOFinetuneModule, which needs no gradient)")
-        self.save_hyperparameters(ignore=["reward"])
-        self.build_policy(reward, full_reference=base_penalty > 0)
+        self.save_hyperparameters(ignore=["reward", "mask_data"])
+        self.build_policy(reward, full_reference=base_penalty > 0, mask_data=mask_data)
 
     def kept_steps(self) -> int:
         """K of this iteration: `backprop_steps`, or drawn in [1, backprop_steps] from (seed, iteration)."""
@@ -123,7 +129,7 @@ class RewardBackpropModule(FinetuneBase):
         with torch.set_grad_enabled(kept > 0):
             volumes = self.to_volumes(samples)
             times["decode"] = self.clock() - start
-            rewards, components = self.score(volumes, labels)
+            rewards, components = self.score(volumes, labels, self.rollout_masks(labels))
         times["reward"] = self.clock() - start
         penalty = torch.stack(penalties).mean() if penalties else rewards.new_zeros(())
         loss = -rewards.mean() + self.hparams.base_penalty * penalty
@@ -148,18 +154,20 @@ class RewardBackpropModule(FinetuneBase):
         """The policy's UNet as the sampler calls it; at kept steps checkpointed, its penalty appended to `penalties`.
 
         The penalty is computed outside the checkpointed call: a recomputation in the backward pass must
-        not append again.
+        not append again. With masks (`condition`) the frozen ControlNet's residuals join both predictions,
+        inside the checkpointed call.
         """
-        hp, policy = self.hparams, self.policy
+        hp = self.hparams
 
-        def denoise(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        def denoise(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                    condition: torch.Tensor | None = None) -> torch.Tensor:
             if not torch.is_grad_enabled():
-                return policy(x, t, labels)
-            prediction = (checkpoint(policy.forward, x, t, labels, use_reentrant=False)
-                          if hp.gradient_checkpointing else policy(x, t, labels))
+                return self.policy_forward(x, t, labels, condition)
+            prediction = (checkpoint(self.policy_forward, x, t, labels, condition, use_reentrant=False)
+                          if hp.gradient_checkpointing else self.policy_forward(x, t, labels, condition))
             if hp.base_penalty > 0:
                 with torch.no_grad(), self.frozen_base() as base:
-                    reference = base(x, t, class_labels=labels if policy.null_class is not None else None)
+                    reference = self.unet_prediction(base, x, t, labels, condition)
                 penalties.append((prediction.float() - reference.float()).pow(2).mean())
             return prediction
 

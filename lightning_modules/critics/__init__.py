@@ -1,4 +1,5 @@
-"""The networks behind learned rewards (realism critics, downstream classifier), their training and data."""
+"""The networks behind learned rewards (realism critics, downstream classifier, lesion segmenter), their training
+and data."""
 
 from lightning_modules.critics.networks import (
     ClassifierModule,
@@ -8,6 +9,7 @@ from lightning_modules.critics.networks import (
     random_flips,
 )
 from lightning_modules.critics.realism_data import RealismDataModule, mri_artefacts
+from lightning_modules.critics.segmenter import SEGMENTER_HOW_TO, SegmenterModule, one_hot_masks, soft_dice
 
-__all__ = ["ClassifierModule", "PooledConvNet", "RealismCriticModule", "RealismDataModule", "RewardNetworkModule",
-           "mri_artefacts", "random_flips"]
+__all__ = ["SEGMENTER_HOW_TO", "ClassifierModule", "PooledConvNet", "RealismCriticModule", "RealismDataModule",
+           "RewardNetworkModule", "SegmenterModule", "mri_artefacts", "one_hot_masks", "random_flips", "soft_dice"]

@@ -4,6 +4,7 @@ the reward contract (`Reward`, raw scores, differentiability), balanced labels a
 from lightning_modules.finetune.base import FinetuneBase, algorithm_names, finetune_tags, metric_prefixes
 from lightning_modules.finetune.reward import (
     Reward,
+    mask_reading_parts,
     non_differentiable_parts,
     raw_reward_scores,
     reward_networks,
@@ -14,5 +15,5 @@ from lightning_modules.finetune.running import RunningMoments
 DEFAULT_FINETUNER = "lightning_modules.PPOFinetuneModule"  # what `msrl finetune` builds when a config names no class
 
 __all__ = ["DEFAULT_FINETUNER", "FinetuneBase", "Reward", "RunningMoments", "algorithm_names", "finetune_tags",
-           "metric_prefixes", "non_differentiable_parts",
+           "mask_reading_parts", "metric_prefixes", "non_differentiable_parts",
            "raw_reward_scores", "reward_networks", "score_components"]

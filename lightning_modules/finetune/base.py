@@ -11,7 +11,8 @@ seeded noise, the recorded DDIM sampler), scoring with the reward, the logs (und
 - `msrl_rollout`: {num_steps, eta, guidance_scale} of the sampler that was trained;
 - `msrl_reward`: the reward's config and its networks' files with their SHA-256 (`rewards.reward_from_checkpoint`);
 - `msrl_finetune`: the algorithm, the module's class and its settings (what the model card states);
-- `msrl_lora` (LoRA only): the adapters' settings and base checkpoint; the base weights are left out.
+- `msrl_lora` (LoRA only): the adapters' settings and base checkpoint; the base weights are left out;
+- `msrl_masks` (mask-conditioned runs only): the frozen ControlNet and the mask pool (finetune/masks.py).
 
 A rollout's noise is seeded per sample by (seed, iteration, the sample's index over all ranks), so a DDP
 rank draws what one process with the whole batch would draw for the same samples, and a resumed run
@@ -24,6 +25,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, ClassVar
 
 import lightning as L
@@ -34,6 +36,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from datamodules.base import VolumeDataModule
 from datamodules.resumable import ResumableLoader
 from lightning_modules.checkpoint_io import public_class_path
 from lightning_modules.diffusion.lora import (
@@ -47,23 +50,25 @@ from lightning_modules.diffusion.lora import (
 from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.diffusion.sampling import Reduction, Trajectory, gaussian_noise, guided_prediction, sample
 from lightning_modules.finetune.labels import balanced_labels
+from lightning_modules.finetune.masks import MaskConditioning
 from lightning_modules.finetune.reward import RAW_TOTAL, raw_total_of, reward_networks, score_components
 from lightning_modules.lightning_internals import cli_model_arguments
 from lightning_modules.visualize import slice_grid
 
 BASE_PREFIXES = ("policy.unet.", "policy.ema.module.")  # where a LoRA run's frozen base weights sit
 FINETUNE_KEY = "msrl_finetune"  # the checkpoint's record of the algorithm and its settings
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# callable(x, t, labels) → prediction; called with `condition=` (the ControlNet's input) in mask-conditioned runs
+Denoiser = Callable[..., torch.Tensor]
 
 
-class FinetuneBase(L.LightningModule):
+class FinetuneBase(MaskConditioning, L.LightningModule):
     """The policy, rollout, scoring, logging and checkpoints of a reward fine-tuner (manual optimisation).
 
     A subclass records its arguments (`save_hyperparameters(ignore=["reward"])`; they must include
     init_checkpoint, samples_per_iteration, num_steps, eta, guidance_scale, init_from_ema, trainable_blocks,
     lora_rank/alpha/targets, lr, weight_decay, adam_betas, lr_warmup_iterations, max_grad_norm, ema_decay,
-    iterations_per_epoch, image_every_n_iterations, seed, max_nonfinite_steps), calls `build_policy`, and
-    implements `training_step`, logging through `log_iteration`.
+    iterations_per_epoch, image_every_n_iterations, seed, max_nonfinite_steps; controlnet_checkpoint for
+    mask conditioning), calls `build_policy`, and implements `training_step`, logging through `log_iteration`.
     """
 
     metric_prefix: ClassVar[str] = "finetune"  # logs are <metric_prefix>/reward/mean, …/reward_raw/total, …
@@ -73,15 +78,18 @@ class FinetuneBase(L.LightningModule):
         super().__init__()
         given = cli_model_arguments()  # LightningCLI's config of this module; None when built in Python
         self.reward_config: dict[str, Any] | None = given.get("reward") if given else None
+        self.mask_data_config: Any = given.get("mask_data") if given else None
         self.automatic_optimization = False
 
-    def build_policy(self, reward: nn.Module, full_reference: bool) -> None:
+    def build_policy(self, reward: nn.Module, full_reference: bool, mask_data: VolumeDataModule | None = None) -> None:
         """Load the pretrained policy, add LoRA or choose the trainable blocks, set up the EMA and the reward.
 
         Args:
             reward: the reward module; frozen and in eval mode here (gradients still reach its input).
             full_reference: keep a frozen copy of the pretrained UNet (needed by a penalty to the pretrained
                 model under full fine-tuning; with LoRA the base with its adapters off is that model).
+            mask_data: with `controlnet_checkpoint`, the data module whose training masks rollouts are drawn
+                from (`MaskConditioning.build_conditioner`).
         """
         hp = self.hparams
         if len(hp.adam_betas) != 2 or not all(0 <= b < 1 for b in hp.adam_betas):
@@ -106,6 +114,7 @@ class FinetuneBase(L.LightningModule):
         self.reference = copy.deepcopy(self.policy.unet).requires_grad_(False).eval() if keep_copy else None
         self.reward = reward.requires_grad_(False).eval()
         self.rollout_labels()  # refuses a samples_per_iteration the classes do not divide, before any rollout
+        self.build_conditioner(hp.get("controlnet_checkpoint"), mask_data, reward, self.mask_data_config)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._skips_in_a_row = 0
@@ -146,12 +155,15 @@ class FinetuneBase(L.LightningModule):
         checkpoint[FINETUNE_KEY] = {"algorithm": self.algorithm, "class_path": public_class_path(type(self)),
                                     "settings": {key: value for key, value in hp.items()
                                                  if not key.startswith("_") and key != "init_checkpoint"}}
+        self.save_mask_record(checkpoint)
         if self.lora is not None:
             checkpoint[LORA_KEY] = copy.deepcopy(self.lora)
             checkpoint["state_dict"] = drop_base_weights(checkpoint["state_dict"], BASE_PREFIXES)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming a LoRA run: same adapters over the same base file; put the (unsaved) base weights back."""
+        """Resuming a LoRA run: same adapters over the same base file; put the (unsaved) base weights back.
+        A mask-conditioned run resumes with the same ControlNet and mask pool (`check_mask_record`)."""
+        self.check_mask_record(checkpoint)
         record = checkpoint.get(LORA_KEY)
         if (record is None) != (self.lora is None):
             raise ValueError(f"the checkpoint resumed was written {'with' if record else 'without'} LoRA, this run is "
@@ -194,7 +206,8 @@ class FinetuneBase(L.LightningModule):
             reduction: the log-probabilities' reduction (`sample`).
             grad_steps: K last steps whose autograd graph is kept (reward backpropagation); 0: no gradients,
                 and the UNet runs in eval mode.
-            denoiser: callable(x, t, labels) → prediction (default: the policy's UNet).
+            denoiser: callable(x, t, labels) → prediction (default: the policy's UNet); in a mask-conditioned
+                run called with `condition=`, this iteration's masks as the ControlNet reads them.
 
         Returns:
             The labels, the trajectory (or None) and the final samples (latents for a latent model).
@@ -202,11 +215,15 @@ class FinetuneBase(L.LightningModule):
         hp, policy = self.hparams, self.policy
         generators = self.rollout_generators()
         labels = self.rollout_labels()
+        condition = self.rollout_condition(self.rollout_masks(labels))
+        model = denoiser or self.policy_forward
+        if condition is not None:
+            model = partial(model, condition=condition)
         noise = gaussian_noise((hp.samples_per_iteration, *policy.sample_shape), generators, self.device)
         was_training = policy.unet.training
         if grad_steps == 0:
             policy.unet.eval()
-        samples, trajectory = sample(denoiser or policy.forward, self.scheduler, noise, labels,
+        samples, trajectory = sample(model, self.scheduler, noise, labels,
                                      num_steps=hp.num_steps, eta=hp.eta, guidance_scale=hp.guidance_scale,
                                      null_class=policy.null_class, generator=generators,
                                      return_trajectory=return_trajectory, reduction=reduction, grad_steps=grad_steps)
@@ -220,13 +237,12 @@ class FinetuneBase(L.LightningModule):
             self._scheduler = self.policy.ddim_scheduler()
         return self._scheduler
 
-    def predict(self, unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
-                ) -> torch.Tensor:
-        """A UNet's prediction, guided as in the rollout."""
-        conditional = self.policy.null_class is not None
+    def predict(self, unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """A UNet's prediction, guided as in the rollout (with the conditioner's residuals for `condition`)."""
 
         def model(x_: torch.Tensor, t_: torch.Tensor, y_: torch.Tensor | None) -> torch.Tensor:
-            return unet(x_, t_, class_labels=y_ if conditional else None)
+            return self.unet_prediction(unet, x_, t_, y_, condition)
 
         return guided_prediction(model, x, timesteps, labels, self.hparams.guidance_scale, self.policy.null_class)
 
@@ -310,10 +326,11 @@ class FinetuneBase(L.LightningModule):
             self.logger.experiment.add_image(f"{prefix}/samples", slice_grid(volumes[:4].detach()),
                                              int(self.iteration))
 
-    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None
+    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None, masks: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The reward's total [B] and raw components of volumes (with gradients where grad mode is on)."""
-        return score_components(self.reward, volumes, labels)
+        """The reward's total [B] and raw components of volumes (with gradients where grad mode is on); `masks`
+        (`rollout_masks`) reach the reward's parts that read them."""
+        return score_components(self.reward, volumes, labels, masks)
 
 
 def finetune_tags(suffix: str) -> tuple[str, ...]:

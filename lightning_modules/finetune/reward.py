@@ -9,6 +9,12 @@ configuration that backpropagates through them is refused before anything runs. 
 `forward` plugs in through YAML `class_path` (a plain module counts as differentiable); subclassing
 `Reward` only adds a `name`, per-component scores and the flag.
 
+A reward may also read the lesion masks the volumes were drawn from (`masks` [B, 1, D, H, W] of BraTS
+label codes, from a ControlNet-conditioned rollout): it says so with `needs_masks = True`, is then
+called as `forward(volumes, labels, masks)`, and is refused without masks (`check_masks`). Every
+other reward is called as before, `forward(volumes, labels)`, so rewards written before masks plug in
+unchanged.
+
 The total a reward returns may be normalised by statistics that move during training
 (`rewards.MultiScaleReward`), so it cannot say whether the reward rose (docs/design.md §7). Raw
 scores can: each component's own value and their weighted sum, `raw_reward_scores`.
@@ -34,9 +40,12 @@ class Reward(nn.Module, ABC):
     Attributes:
         differentiable: whether the score's gradient with respect to the volumes means something
             (False for a rule that thresholds, counts or bins voxels: its gradient is 0 or absent).
+        needs_masks: whether the score reads the lesion masks the volumes were drawn from (then
+            `forward(volumes, labels, masks)`; else `forward(volumes, labels)`).
     """
 
     differentiable: bool = True
+    needs_masks: bool = False
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -44,12 +53,13 @@ class Reward(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards [B] for volumes [B, C, D, H, W] in [-1, 1] and labels [B] (or None)."""
+        """Rewards [B] for volumes [B, C, D, H, W] in [-1, 1] and labels [B] (or None); a reward with
+        `needs_masks` takes the masks [B, 1, D, H, W] as a third argument."""
 
-    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None
+    def score(self, volumes: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward [B] and its raw components ({name: [B]}; a plain reward is its own component)."""
-        total = self(volumes, labels)
+        total = call_reward(self, volumes, labels, masks)
         return total, {self.name: total}
 
     def raw_total(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -59,26 +69,64 @@ class Reward(nn.Module, ABC):
                                       "say how they add up: override `raw_total`")
         return components[self.name]
 
-    def raw_scores(self, volumes: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def raw_scores(self, volumes: torch.Tensor, labels: torch.Tensor | None = None,
+                   masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Raw values of every component and their weighted sum under "total" ({name: [B]}).
 
         Nothing the reward keeps (running statistics) changes; a composite overrides this to skip its
         normalisation.
         """
-        _, components = self.score(volumes, labels)
+        _, components = self.score(volumes, labels, masks)
         return {**components, RAW_TOTAL: self.raw_total(components)}
 
 
-def score_components(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def mask_reading_parts(reward: nn.Module) -> list[str]:
+    """`name (Class)` of every part of a reward, itself included, that declares `needs_masks = True`."""
+    return [f"{getattr(module, 'name', type(module).__name__)} ({type(module).__name__})"
+            for module in reward.modules() if getattr(module, "needs_masks", False) is True]
+
+
+def check_masks(reward: nn.Module, volumes: torch.Tensor, masks: torch.Tensor | None) -> None:
+    """Refuse to score a reward that reads masks without them, or with masks that do not fit the volumes.
+
+    Raises:
+        ValueError: naming the parts that need masks and where masks come from.
+    """
+    needing = mask_reading_parts(reward)
+    if not needing:
+        return
+    if masks is None:
+        raise ValueError(f"reward parts {', '.join(needing)} score volumes against the lesion masks they were drawn "
+                         "from, and none were given: fine-tune with a ControlNet conditioner (controlnet_checkpoint "
+                         "and mask_data), or pass masks [B, 1, D, H, W] to score(volumes, labels, masks)")
+    expected = (volumes.shape[0], 1, *volumes.shape[2:])
+    if tuple(masks.shape) != expected:
+        raise ValueError(f"masks must be label maps {expected} for volumes {tuple(volumes.shape)}, got "
+                         f"{tuple(masks.shape)}")
+
+
+def call_reward(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None,
+                masks: torch.Tensor | None) -> torch.Tensor:
+    """`reward(volumes, labels, masks)` for a reward that reads masks (checked), `reward(volumes, labels)` else."""
+    if getattr(reward, "needs_masks", False) is True:
+        check_masks(reward, volumes, masks)
+        return reward(volumes, labels, masks)
+    return reward(volumes, labels)
+
+
+def score_components(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None,
+                     masks: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Call any reward module and check what it returns: finite float [B], named components.
 
-    Modules that are not `Reward`s (a user's own `nn.Module`) are named after their class.
+    Modules that are not `Reward`s (a user's own `nn.Module`) are named after their class. `masks`
+    [B, 1, D, H, W] reach the parts that declare `needs_masks`; without them such a reward is refused.
     """
+    check_masks(reward, volumes, masks)
     if hasattr(reward, "score"):
-        total, components = reward.score(volumes, labels)
+        total, components = (reward.score(volumes, labels, masks) if mask_reading_parts(reward)
+                             else reward.score(volumes, labels))
     else:
-        total = reward(volumes, labels)
+        total = call_reward(reward, volumes, labels, masks)
         components = {getattr(reward, "name", type(reward).__name__): total}
     _check_scores(reward, volumes.shape[0], {getattr(reward, "name", type(reward).__name__): total, **components})
     return total.float(), {key: value.float() for key, value in components.items()}
@@ -90,18 +138,20 @@ def raw_total_of(reward: nn.Module, total: torch.Tensor, components: dict[str, t
 
 
 @torch.no_grad()
-def raw_reward_scores(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None
-                      ) -> dict[str, torch.Tensor]:
+def raw_reward_scores(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None,
+                      masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Raw values [B] of each component of any reward module, and their weighted sum under "total".
 
     For evaluation: no normalisation statistics are read or updated, so a freshly built
     `MultiScaleReward` scores like the one PPO trained against. A module without `raw_scores`
-    (a user's own `nn.Module`) is its own single component.
+    (a user's own `nn.Module`) is its own single component. `masks` as for `score_components`.
     """
+    check_masks(reward, volumes, masks)
     if hasattr(reward, "raw_scores"):
-        scores = dict(reward.raw_scores(volumes, labels))
+        scores = dict(reward.raw_scores(volumes, labels, masks) if mask_reading_parts(reward)
+                      else reward.raw_scores(volumes, labels))
     else:
-        total, components = score_components(reward, volumes, labels)
+        total, components = score_components(reward, volumes, labels, masks)
         scores = {**components, RAW_TOTAL: total}
     if RAW_TOTAL not in scores:
         raise ValueError(f"raw_scores of {type(reward).__name__} returned {sorted(scores)} without {RAW_TOTAL!r}")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from datamodules.base import VolumeDataModule
 from lightning_modules.diffusion.lora import DEFAULT_TARGETS
 from lightning_modules.diffusion.sampling import Trajectory
 from lightning_modules.finetune.base import FinetuneBase
@@ -80,6 +81,11 @@ class PPOFinetuneModule(PPOUpdate, FinetuneBase):
         seed: seed of rollouts and update shuffles (with the iteration and rank: resumable).
         max_nonfinite_steps: an optimiser step with non-finite gradients is skipped and counted
             (ppo/skipped_steps); this many in a row stop the run.
+        controlnet_checkpoint: an `msrl train-controlnet` checkpoint of `init_checkpoint` (its recorded base
+            SHA-256 is checked): every rollout is drawn from a lesion mask through this frozen ControlNet,
+            in the rollout and in the update (lightning_modules/finetune/masks.py); None: no masks.
+        mask_data: with `controlnet_checkpoint`, the data module whose training split's masks (`seg`) the
+            rollouts draw, each from its class's masks.
     """
 
     metric_prefix = "ppo"
@@ -96,7 +102,8 @@ class PPOFinetuneModule(PPOUpdate, FinetuneBase):
         image_every_n_iterations: int = 5, seed: int = 0, max_nonfinite_steps: int = 5, lora_rank: int = 0,
         lora_alpha: float | None = None, lora_targets: Sequence[str] = DEFAULT_TARGETS,
         adam_betas: tuple[float, float] = (0.9, 0.999), lr_warmup_iterations: int = 0,
-        timestep_weighting: Literal["none", "equal"] = "none",
+        timestep_weighting: Literal["none", "equal"] = "none", controlnet_checkpoint: str | None = None,
+        mask_data: VolumeDataModule | None = None,
     ) -> None:
         super().__init__()
         if eta <= 0:
@@ -106,8 +113,8 @@ class PPOFinetuneModule(PPOUpdate, FinetuneBase):
         if timestep_weighting not in TIMESTEP_WEIGHTINGS:
             raise ValueError(f"timestep_weighting must be one of {list(TIMESTEP_WEIGHTINGS)}, "
                              f"got {timestep_weighting!r}")
-        self.save_hyperparameters(ignore=["reward"])
-        self.build_policy(reward, full_reference=kl_coef > 0)
+        self.save_hyperparameters(ignore=["reward", "mask_data"])
+        self.build_policy(reward, full_reference=kl_coef > 0, mask_data=mask_data)
         num_classes = self.policy.hparams.num_classes
         check_legacy_class_probs(class_probs, num_classes)
         self.advantages = ClassAdvantageNormaliser(num_classes, advantage_mode, clip=adv_clip_max)
@@ -118,16 +125,17 @@ class PPOFinetuneModule(PPOUpdate, FinetuneBase):
         times = {}
         start = self.clock()
         labels, trajectory, samples = self.rollout()
+        masks = self.rollout_masks(labels)  # what the rollout was drawn from (None without a conditioner)
         times["rollout"] = self.clock() - start
         start = self.clock()
         volumes = self.policy.to_images(samples)  # a latent model's decoder runs here, part of the reward step
         times["decode"] = self.clock() - start
         with torch.no_grad():
-            rewards, components = self.score(volumes, labels)
+            rewards, components = self.score(volumes, labels, masks)
         times["reward"] = self.clock() - start
         start = self.clock()
         advantages = self.compute_advantages(rewards, labels)
-        stats = self.update(trajectory, labels, advantages)
+        stats = self.update(trajectory, labels, advantages, self.rollout_condition(masks))
         times["update"] = self.clock() - start
         self.iteration += 1
         stats["advantage/abs_mean"] = advantages.abs().mean()

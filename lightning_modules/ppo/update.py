@@ -50,9 +50,12 @@ class PPOUpdate:
     reference: nn.Module | None
     hparams: Any
 
-    def update(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-        """`num_inner_epochs` clipped-PPO passes; one optimiser step per micro-batch of samples."""
+    def update(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
+               condition: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`num_inner_epochs` clipped-PPO passes; one optimiser step per micro-batch of samples.
+
+        `condition`: the rollouts' masks as the ControlNet reads them [B, K, …] (None without masks).
+        """
         hp = self.hparams
         optimizer = self.optimizers()
         self.scheduler.set_timesteps(hp.num_steps)
@@ -73,7 +76,7 @@ class PPOUpdate:
                 for position, step in enumerate(chosen.tolist()):
                     last = position == len(chosen) - 1
                     with optimizer.toggle_model(sync_grad=last):
-                        loss, stats = self._step_loss(trajectory, labels, advantages, index, step)
+                        loss, stats = self._step_loss(trajectory, labels, advantages, index, step, condition)
                         self.manual_backward(loss * weights[position] / len(chosen))
                     deviation = stats.pop("ratio_max_abs_dev")
                     if epoch == 0 and start == 0:  # no optimiser step yet in this iteration: r must be 1
@@ -99,20 +102,23 @@ class PPOUpdate:
         return equal_gradient_weights(self.scheduler, timesteps, self.hparams.eta).tolist()
 
     def _step_loss(self, trajectory: Trajectory, labels: torch.Tensor | None, advantages: torch.Tensor,
-                   index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Clipped-PPO loss (+ KL to the pretrained model) of one denoising step of a micro-batch."""
+                   index: torch.Tensor, step: int, condition: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped-PPO loss (+ KL to the pretrained model) of one denoising step of a micro-batch; the
+        masks' `condition` is indexed like the labels, so policy and reference see each sample's own mask."""
         hp = self.hparams
         x_t, x_prev = trajectory.latents[index, step], trajectory.latents[index, step + 1]
         t = int(trajectory.timesteps[step])
         timesteps = torch.full((len(index),), t, device=self.device)
         batch_labels = None if labels is None else labels[index]
-        prediction = self.predict(self.policy.unet, x_t, timesteps, batch_labels)
+        batch_condition = None if condition is None else condition[index]
+        prediction = self.predict(self.policy.unet, x_t, timesteps, batch_labels, batch_condition)
         mean, std, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
         log_prob = gaussian_log_prob(x_prev, mean, std, hp.logprob_reduction)
         loss, stats = clipped_surrogate(log_prob, trajectory.log_probs[index, step], advantages[index], hp.clip_range)
         if hp.kl_coef > 0:
             with torch.no_grad(), self.frozen_base() as reference:
-                prediction = self.predict(reference, x_t, timesteps, batch_labels)
+                prediction = self.predict(reference, x_t, timesteps, batch_labels, batch_condition)
                 ref_mean, _, _ = ddim_step_mean(self.scheduler, prediction, t, x_t, hp.eta)
             # KL between two Gaussians of equal σ: ||μ − μ_ref||² / 2σ², reduced like the log-prob.
             kl = ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1)
