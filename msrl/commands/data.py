@@ -1,25 +1,50 @@
-"""`msrl data check`: what a data configuration finds on disk and in its preprocessed cache, and everything wrong."""
+"""`msrl data check`: what a data configuration finds on disk and in its preprocessed cache, and everything wrong;
+`msrl data masks`: a split's cached lesion masks as NIfTI files, the masks `msrl sample --mask` takes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
+from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentParser
 from tqdm.auto import tqdm
 
+from datamodules.atomic import atomic_folder
 from datamodules.base import VolumeDataModule
 from datamodules.cache_index import VerifyCache
 from datamodules.problems import Problem
 from datamodules.splits import stratified_split
 from msrl.commands.parsing import command_parser
+from msrl.samples import split_masks, write_split_masks
+
+USAGE = ("usage: msrl data check --data configs/data/<name>.yaml [--data.init_args.root PATH]\n"
+         "       msrl data masks --data configs/data/<name>.yaml --split test --out masks/")
+
+
+def data_argv(argv: list[str]) -> list[str]:
+    """`argv` with `--data RUN_CONFIG` (a training config: `data:` holds the data module) replaced by its `data:`.
+
+    A data YAML (class_path + init_args, e.g. configs/data/template.yaml) passes unchanged.
+    """
+    out = list(argv)
+    for index, arg in enumerate(out[:-1]):
+        path = Path(out[index + 1])
+        if arg == "--data" and path.suffix in (".yaml", ".yml") and path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            if isinstance(loaded, dict) and "class_path" not in loaded and isinstance(loaded.get("data"), dict):
+                out[index + 1] = json.dumps(loaded["data"])
+    return out
 
 
 def build_parser() -> ArgumentParser:
     """`--data` takes a data config (configs/data/<name>.yaml) or class_path/init_args; `-c` a YAML of these options."""
     parser = command_parser("msrl data check", "List subjects, labels, splits and problems of a data set on disk.")
     parser.add_subclass_arguments(VolumeDataModule, "data", required=True,
-                                  help="the data module: a data config file, or class_path + init_args")
+                                  help="the data module: a data config file, a training config (its data:), or "
+                                       "class_path + init_args")
     parser.add_argument("--read-files", "--read_files", type=bool, default=True,
                         help="read every file fully (shape, spacing, NaNs; cache checksums); false: only list "
                              "them (cache sizes)")
@@ -64,13 +89,43 @@ def check(data: VolumeDataModule, read_files: bool = True) -> tuple[str, list[Pr
     return "\n".join(lines), problems
 
 
+def masks_parser() -> ArgumentParser:
+    """Options of `msrl data masks`."""
+    parser = command_parser("msrl data masks", "Write each cached subject's lesion mask of a split as "
+                                               "<subject>_seg.nii.gz (RAS+), for msrl sample --mask.")
+    parser.add_subclass_arguments(VolumeDataModule, "data", required=True,
+                                  help="the data module: a data config file, a training config (its data:), or "
+                                       "class_path + init_args")
+    parser.add_argument("--split", type=str, default="test", help="train, val or test")
+    parser.add_argument("--out", type=str, required=True, help="the folder of masks (and masks.csv)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")
+    return parser
+
+
+def write_masks(argv: list[str]) -> None:
+    """`msrl data masks`: the split's masks and `masks.csv` (file, subject_id, label, split, lesion_voxels)."""
+    parser = masks_parser()
+    args = parser.parse_args(data_argv(argv))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite true or choose another --out")
+    masks = split_masks(parser.instantiate_classes(args).data, args.split)
+    with atomic_folder(out) as staging:
+        write_split_masks(masks, staging, args.split)
+    lesions = sum(bool(mask.labels.any()) for mask in masks)
+    print(f"wrote {len(masks)} masks of the {args.split} split ({lesions} with a lesion) and masks.csv to {out}")
+
+
 def main(argv: list[str]) -> None:
-    """Print the report; exit 1 when there are errors."""
+    """`check`: print the report, exit 1 when there are errors; `masks`: write a split's masks."""
+    if argv and argv[0] == "masks":
+        write_masks(argv[1:])
+        return
     if not argv or argv[0] != "check":
-        print("usage: msrl data check --data configs/data/<name>.yaml [--data.init_args.root PATH]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         sys.exit(2)
     parser = build_parser()
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(data_argv(argv[1:]))
     data = parser.instantiate_classes(args).data
     report, problems = check(data, read_files=args.read_files)
     print(report)

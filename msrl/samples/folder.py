@@ -1,4 +1,4 @@
-"""Generated volumes on disk: drawing them from a model, and the folder `msrl sample` writes.
+"""Generated volumes drawn from a model, and the folder `msrl sample` writes.
 
 A sample folder holds `sample_<index>.nii.gz` (1 mm affine), `manifest.csv` (file, label, seed,
 checkpoint) and `slices.png`; `msrl evaluate` and `msrl report` read such folders back.
