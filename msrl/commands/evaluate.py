@@ -45,7 +45,9 @@ def build_parser() -> ArgumentParser:
     """Options of `msrl evaluate` (each also readable from a YAML given with -c)."""
     parser = command_parser("msrl evaluate", "Evaluate generators against real volumes.")
     parser.add_subclass_arguments(VolumeDataModule, "data", help="the real data: a data YAML (--data-config) or class")
-    parser.add_argument("--checkpoint", type=list[str], default=[], help="msrl checkpoints to sample (repeatable)")
+    parser.add_argument("--checkpoint", type=list[str], default=[],
+                        help="msrl checkpoints to sample (repeatable): pretraining, fine-tuning or ControlNet "
+                             "(drawn from the held-out lesion masks)")
     parser.add_argument("--generated", type=list[str], default=[], help="folders written by msrl sample (repeatable)")
     parser.add_argument("--autoencoder", type=list[str], default=[],
                         help="first-stage checkpoints: their reconstructions of the real volumes (the FID floor)")

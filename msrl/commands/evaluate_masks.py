@@ -51,7 +51,7 @@ def build_heldout(data: VolumeDataModule, split: str, heldout: LabelledVolumes, 
     labels = torch.arange(num_samples) % max(data.num_classes, 1) if data.num_classes else None
     train = real_volumes(data, "train")
     return Heldout(masks, assign_masks(labels, heldout.labels, num_samples), MaskedVolumes(train.volumes, train_masks),
-                   train.labels, max(pair_draws, 1))
+                   train.labels, pair_draws)
 
 
 class SegmentationJudge:

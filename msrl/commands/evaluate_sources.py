@@ -179,7 +179,8 @@ class Heldout:
         masks: [M, 1, S, S, S] the held-out split's masks; volume i is drawn from masks[index[i]].
         index: [N] the held-out volume assigned to each drawn volume (`assign_masks`).
         train: the training split's volumes with their masks, and `train_labels` their classes.
-        pair_draws: independent draws from the training masks a ControlNet makes (one per utility seed).
+        pair_draws: independent draws a ControlNet makes from the training masks (one per utility or
+            segmentation seed, whichever are more; 0 when neither runs).
     """
 
     masks: torch.Tensor
@@ -214,6 +215,8 @@ def sample_checkpoint(name: str, path: str, samplers: list[Sampler], evaluation:
     info = {"sha256_8": file_digest(path)}
     if heldout is not None:
         info["mask_conditioned"] = controlnet
+    if controlnet:
+        info["base_checkpoint"] = str(model.base_path)
     out = []
     for sampler in samplers:
         volumes = draw(model, num_samples, conditional, masks, sampler, seed, batch_size)

@@ -71,7 +71,7 @@ def test_evaluate_measures_segmentation_utility_and_mask_fidelity_paired_per_vol
     out = tmp_path / "eval"
     result = _evaluate(cohort_cache, out, "--checkpoint", str(latent_checkpoint), "--checkpoint", str(zero),
                        "--checkpoint", str(other), "--autoencoder", str(autoencoder_checkpoint),
-                       "--names", "[plain, zero, other, recon]", "--baseline", "zero")
+                       "--names", "[plain, zero, other, recon]", "--baseline", "zero", "--num-samples", "6")
     data = result["data"]
     assert (data["segmentation_test_split"], data["num_segmentation_test"], data["num_segmentation_train"]) == \
         ("test", 2, 4)
@@ -91,11 +91,16 @@ def test_evaluate_measures_segmentation_utility_and_mask_fidelity_paired_per_vol
         assert {row["num_generated"] for (s, _), row in synthetic.items() if s == "synthetic"} == {4}
         assert {row["num_generated"] for (s, _), row in synthetic.items() if s == "real+synthetic"} == {8}
     assert not _rows(entries["plain"]["records"], SEGMENTATION_METRIC)  # no masks, no pairs
-    # every source drawn from (or judged against) the held-out masks: volumes 1 and 3 show the class-1 lesion
+    # the utility classifiers too: a ControlNet's volumes drawn from held-out masks never train them
+    utility = {name: next(r["num_generated"] for r in entries[name]["records"]
+                          if r["metric"] == "utility/auroc" and r["train_set"] == "synthetic") for name in entries
+               if name != "recon"}
+    assert utility == {"plain": 6, "zero": 4, "other": 4}
+    # every source drawn from (or judged against) the held-out masks: volumes 1, 3 and 5 show the class-1 lesion
     for name in ("plain", "zero", "other"):
         fidelity = _rows(entries[name]["records"], MASK_FIDELITY_METRIC)
         assert {region for _, region in fidelity} == REGIONS
-        assert all(row["volumes"] == [1, 3] and len(row["per_volume"]) == 2 for row in fidelity.values())
+        assert all(row["volumes"] == [1, 3, 5] and len(row["per_volume"]) == 3 for row in fidelity.values())
     assert all(r["volumes"] == [1] for r in _rows(entries["recon"]["records"], MASK_FIDELITY_METRIC).values())
     # same seeds, same labels: a zero-initialised ControlNet draws exactly its base's volumes, so they pair
     plain, _ = read_samples(out / entries["plain"]["samples_dir"])
@@ -105,7 +110,7 @@ def test_evaluate_measures_segmentation_utility_and_mask_fidelity_paired_per_vol
     assert set(comparisons) == {"plain", "other"} and all(c["baseline"] == "zero" for c in comparisons.values())
     no_mask = [r for r in comparisons["plain"]["records"] if r["metric"] == MASK_FIDELITY_METRIC]
     assert {r["label"] for r in no_mask} == REGIONS
-    assert all(r["difference"] == 0 and r["verdict"] == "no difference" and r["num_volumes"] == 2 for r in no_mask)
+    assert all(r["difference"] == 0 and r["verdict"] == "no difference" and r["num_volumes"] == 3 for r in no_mask)
     paired = {(r["metric"], r["train_set"], r["label"]): r for r in comparisons["other"]["records"]
               if "label" in r}
     assert set(paired) == {(SEGMENTATION_METRIC, s, r) for s in ("synthetic", "real+synthetic") for r in REGIONS} | {
@@ -180,3 +185,28 @@ def test_study_rows_keep_the_regions_of_one_metric_apart() -> None:
     unit = FinishedUnit("arm", 0, Path("."), {}, {}, {}, keyed, {}, {})
     aggregated = {row["label"]: row["mean"] for row in arm_rows([unit])}
     assert aggregated == {"1": 0.2, "whole_tumour": 0.7}
+
+
+def test_the_figure_shows_the_real_volume_first_then_each_source_drawn_from_the_same_masks() -> None:
+    from msrl.commands.evaluate_masks import contour_panels
+    from msrl.commands.evaluate_sources import Heldout, Sampler, SourceVolumes
+    from msrl.evaluation.segmentation import MaskedVolumes
+    from msrl.evaluation.utility import LabelledVolumes
+
+    masks = torch.zeros(3, 1, 8, 8, 8, dtype=torch.uint8)
+    masks[1, 0, 2:4, 2:4, 2:4], masks[2, 0, 4:6, 4:6, 4:6] = 2, 1  # held-out volume 0 has no lesion
+    index = torch.tensor([0, 2, 1, 2])  # drawn volume i was drawn from held-out mask index[i]
+    heldout = Heldout(masks, index, MaskedVolumes(torch.zeros(1, 1, 8, 8, 8), masks[:1]), torch.tensor([0]), 0)
+    real = LabelledVolumes(torch.arange(3.0).view(3, 1, 1, 1, 1).expand(3, 1, 8, 8, 8), torch.tensor([0, 1, 1]))
+    drawn = LabelledVolumes(10 + torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 1, 8, 8, 8), torch.zeros(4))
+    evaluation, other = Sampler(2, 0.0), Sampler(4, 1.0)
+    sources = [SourceVolumes("plain", "checkpoint", "p", drawn, evaluation, 0, {"mask_conditioned": False},
+                             masks[index]),
+               SourceVolumes("ctrl", "checkpoint", "c", drawn, evaluation, 0, {"mask_conditioned": True}, masks[index]),
+               SourceVolumes("ctrl", "checkpoint", "c", drawn, other, 0, {"entry_name": "ctrl [x]"}, masks[index]),
+               SourceVolumes("folder", "generated", "g", drawn),
+               SourceVolumes("recon", "autoencoder", "a", LabelledVolumes(real.volumes + 20, real.labels), masks=masks)]
+    rows, shown = contour_panels(sources, heldout, real, evaluation)
+    assert list(rows) == ["real", "plain (class label only)", "ctrl (mask-conditioned)", "recon (reconstruction)"]
+    assert torch.equal(shown, masks[[2, 1]])  # in the order the checkpoints drew them, lesion-free mask left out
+    assert [rows[name][:, 0, 0, 0, 0].tolist() for name in rows] == [[2, 1], [11, 12], [11, 12], [22, 21]]
