@@ -1,5 +1,5 @@
 """Tests of `SegmenterModule`: `msrl train-reward -c configs/rewards/segmenter.yaml` trains it on the cohort's masks,
-ranks checkpoints by val/dice, and the reward loads it with its file and SHA-256; a data set without masks is refused."""
+ranks checkpoints by val/dice, and the reward loads it with its file and SHA-256; a batch without masks is refused."""
 
 from pathlib import Path
 
