@@ -1,7 +1,9 @@
-"""`msrl export`: a pretrained or fine-tuned generator → a MONAI bundle with a model card, runnable without msrl."""
+"""`msrl export`: a pretrained, fine-tuned or ControlNet generator → a MONAI bundle with a model card, runnable
+without msrl (a ControlNet's bundle takes a lesion mask and writes each volume with the mask's affine)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -13,17 +15,19 @@ from msrl.export import Sampler, export_bundle
 def build_parser() -> ArgumentParser:
     """Options of `msrl export` (each also readable from a YAML given with -c)."""
     parser = command_parser("msrl export", "Write a MONAI bundle (configs, weights, sampler, model card) of a "
-                                           "DiffusionModule checkpoint.")
-    parser.add_argument("--checkpoint", type=str, required=True, help="a .ckpt of msrl pretrain or msrl finetune")
+                                           "DiffusionModule or ControlNet checkpoint.")
+    parser.add_argument("--checkpoint", type=str, required=True,
+                        help="a .ckpt of msrl pretrain, finetune or train-controlnet")
     parser.add_argument("--out", type=str, required=True, help="the bundle folder")
     parser.add_argument("--metrics", type=str | None, default=None,
                         help="metrics.json of msrl evaluate: its numbers and intervals go into the model card")
     parser.add_argument("--data-config", "--data_config", type=str | None, default=None,
                         help="a data YAML naming the training data (default: the run's config.yaml by checkpoints/)")
     parser.add_argument("--num-samples", "--num_samples", type=int, default=1,
-                        help="the bundle's default volumes per requested class")
+                        help="the bundle's default volumes per requested class (ControlNet: per mask)")
     parser.add_argument("--classes", type=list[int] | None, default=None,
-                        help="the bundle's default classes to draw (default: every class)")
+                        help="the bundle's default classes to draw (default: every class; not for a ControlNet, "
+                             "whose class is each mask's own or --label at run time)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default of the bundle)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic)")
     parser.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0,
@@ -47,5 +51,7 @@ def main(argv: list[str]) -> None:
                       batch_size=args.batch_size, num_samples=args.num_samples, classes=args.classes)
     export_bundle(args.checkpoint, out, sampler, use_ema=not args.no_ema, metrics_path=args.metrics,
                   data_config=args.data_config)
+    masks = "mask" in json.loads((out / "configs" / "inference.json").read_text())
     print(f"wrote the MONAI bundle to {out}; run it (torch, monai, nibabel, fire; no msrl) with:\n  "
-          f"python -m monai.bundle run --config_file {out}/configs/inference.json --output_dir samples")
+          f"python -m monai.bundle run --config_file {out}/configs/inference.json "
+          + ("--mask seg.nii.gz" if masks else "--output_dir samples"))

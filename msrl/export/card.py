@@ -76,15 +76,20 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
     size = model["spatial_size"]
     classes = "unconditional" if model["num_classes"] == 0 else f"{model['num_classes']} classes (labels 0…" \
         f"{model['num_classes'] - 1}; label {model['num_classes']} is the null class of classifier-free guidance)"
+    controlnet = info.get("controlnet")
     text = [f"# msrl generator: {info['checkpoint']['kind']} 3D diffusion model, {size}³, "
             f"{'latent' if first else 'voxel space'}", "",
             "A MONAI bundle exported by `msrl export`; it runs without msrl:", "",
-            "```", "pip install torch monai nibabel fire",
-            "python -m monai.bundle run --config_file <bundle>/configs/inference.json --output_dir samples \\",
-            "    --num_samples 4 --classes \"[0, 1]\" --seed 0", "```", "",
-            "Each requested class gets `num_samples` volumes in `samples/class_<c>/sample_<i>.nii.gz`, listed in "
-            "`samples/manifest.csv` (`msrl evaluate --generated samples` reads the folder).", "",
-            "## Intended use", "", INTENDED_USE, "", "## Limitations", ""] + [f"- {item}" for item in LIMITATIONS]
+            "```", "pip install torch monai nibabel fire"]
+    if controlnet is None:
+        text += ["python -m monai.bundle run --config_file <bundle>/configs/inference.json --output_dir samples \\",
+                 "    --num_samples 4 --classes \"[0, 1]\" --seed 0", "```", "",
+                 "Each requested class gets `num_samples` volumes in `samples/class_<c>/sample_<i>.nii.gz`, listed in "
+                 "`samples/manifest.csv` (`msrl evaluate --generated samples` reads the folder).", ""]
+    else:
+        text += mask_usage(controlnet)
+    limitations = LIMITATIONS + ([MASK_LIMITATION] if controlnet else [])
+    text += ["## Intended use", "", INTENDED_USE, "", "## Limitations", ""] + [f"- {item}" for item in limitations]
     text += ["", "## Data", ""]
     if data is None:
         text += ["Not recorded: the checkpoint's run left no config.yaml and no `--data-config` was given.", ""]
@@ -97,13 +102,21 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
     text += [f"- image size: {model['in_channels']} channel(s) × {size}³ voxels, intensities in [-1, 1] "
              "(background -1)",
              "- spacing: none fixed; each subject's brain bounding box was padded to a cube and resized to "
-             f"{size}³, so a voxel is the subject's brain extent / {size}. The volumes are written with the identity "
-             "affine (1 mm voxels, voxel coordinates), as `msrl sample` writes them.", f"- classes: {classes}", ""]
+             f"{size}³, so a voxel is the subject's brain extent / {size}. "
+             + ("Each volume is written with its mask's affine and header." if controlnet else
+                "The volumes are written with the identity affine (1 mm voxels, voxel coordinates), as `msrl sample` "
+                "writes them."), f"- classes: {classes}", ""]
     text += ["## Model", "", f"- checkpoint: `{info['checkpoint']['path']}` (sha256 `{info['checkpoint']['sha256']}`,"
              f" epoch {info['checkpoint']['epoch']}, step {info['checkpoint']['global_step']})",
              f"- diffusion: MONAI `DiffusionModelUNet` on {model['sample_shape']}, {model['prediction_type']}, "
              f"T = {model['num_train_timesteps']} (exact betas in `models/noise_schedule.pt`)",
              f"- exported weights: {info['exported_weights']}"]
+    if controlnet:
+        base = info["base_checkpoint"]
+        text += [f"- base: `{base['path']}` (sha256 `{base['sha256']}`, {base['kind']}); the ControlNet was trained "
+                 "on its EMA weights, which the bundle carries", f"- ControlNet: MONAI `ControlNet`, conditioning "
+                 f"{controlnet['conditioning']!r}, scale {controlnet['conditioning_scale']}, embedding channels "
+                 f"{controlnet['embedding_channels']}; training settings `{json.dumps(controlnet['training'])}`"]
     if first:
         text.append(f"- first stage: `{first['class']}` (`{first['path']}`, sha256 `{first['sha256']}`), latent "
                     f"shape {first['latent_shape']}, scale factor {first['scale_factor']:.6g}")
@@ -139,6 +152,32 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
     return "\n".join(text)
 
 
+MASK_LIMITATION = ("A mask asks for a lesion where the training data's lesions were; the ControlNet follows it only as "
+                   "well as it learned to: check the volumes against their masks (e.g. a segmenter's Dice) before "
+                   "relying on a lesion's place or extent.")
+
+
+def mask_usage(controlnet: dict[str, Any]) -> list[str]:
+    """How to run a ControlNet bundle on masks, and what a mask must be (the label channels and their meaning)."""
+    size, channels = controlnet["mask_size"], controlnet["label_channels"]
+    codes = ", ".join(f"{c['label']} ({c['meaning']})" for c in channels)
+    return ["python -m monai.bundle run --config_file <bundle>/configs/inference.json --mask seg.nii.gz \\",
+            "    --num_samples 2 --seed 0", "```", "",
+            "`--mask` takes a NIfTI lesion mask or a folder of them. Each mask gets `num_samples` volumes "
+            "`<mask>_sample_<k>.nii.gz` beside it (or in `--output_dir`) with the mask's affine and header, listed "
+            "in `samples.csv` (file, mask, mask_sha256, label, seed); existing volumes are kept unless "
+            "`--overwrite true`.", "", "## Masks", "",
+            f"- a mask is one 3-D integer label map of {size}×{size}×{size} voxels in RAS+ orientation, as the "
+            "training data's masks after preprocessing (`msrl data masks` writes a data set's)",
+            f"- labels: 0 background and {codes}; condition channel k holds the k-th label:"]  + \
+        [f"  - channel {c['channel']}: label {c['label']}, {c['meaning']}" for c in channels] + \
+        ["- a mask with other values, another size, more dimensions, non-integer values or another orientation is "
+         "refused before anything is drawn, naming the file and what differs",
+         "- class label: `--label k` for every volume; the default `auto` gives class 1 to a mask with any lesion "
+         "voxel and 0 to an empty one (the template cohort's rule, where class 1 is a lesion; for BraTS, whose "
+         "classes are grades, pass `--label`)", ""]
+
+
 def metadata(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str], metrics: dict[str, Any] | None
              ) -> dict[str, Any]:
     """`configs/metadata.json`: MONAI's bundle metadata fields plus msrl's provenance."""
@@ -150,7 +189,8 @@ def metadata(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, s
         "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__, "required_packages_version": {"nibabel": nibabel.__version__},
         "name": f"msrl {info['checkpoint']['kind']} brain MRI generator ({size}³)",
-        "task": "class-conditional 3D brain MRI synthesis" if model["num_classes"] else "3D brain MRI synthesis",
+        "task": ("lesion-mask-conditioned " if info.get("controlnet") else "")
+        + ("class-conditional 3D brain MRI synthesis" if model["num_classes"] else "3D brain MRI synthesis"),
         "description": "DDIM sampling of an msrl diffusion model" + (" in a first stage's latent space"
                                                                       if info["first_stage"] else ""),
         "authors": "msrl export", "copyright": "see the training data's licence",
@@ -160,10 +200,22 @@ def metadata(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, s
         "network_data_format": {
             "inputs": {"latent": {"type": "noise", "format": "image", "num_channels": model["sample_shape"][0],
                                   "spatial_shape": model["sample_shape"][1:], "dtype": "float32",
-                                  "value_range": [None, None], "is_patch_data": False}},
+                                  "value_range": [None, None], "is_patch_data": False}, **mask_input(info)},
             "outputs": {"pred": {"type": "image", "format": "image", "num_channels": model["in_channels"],
                                  "spatial_shape": [size] * 3, "dtype": "float32", "value_range": [-1, 1],
                                  "is_patch_data": False, "channel_def": {"0": "image"}}}},
         "eval_metrics": eval_metrics(metrics), "sampler": sampler, "weights_sha256": weights,
         "msrl": info,
     }
+
+
+def mask_input(info: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json's `mask` input of a ControlNet bundle (none otherwise): a label map and its codes."""
+    controlnet = info.get("controlnet")
+    if controlnet is None:
+        return {}
+    channels = controlnet["label_channels"]
+    return {"mask": {"type": "image", "format": "labels", "num_channels": 1,
+                     "spatial_shape": [controlnet["mask_size"]] * 3, "dtype": "uint8",
+                     "value_range": [0, max(c["label"] for c in channels)], "is_patch_data": False,
+                     "channel_def": {"0": "background", **{str(c["label"]): c["meaning"] for c in channels}}}}

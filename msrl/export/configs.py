@@ -12,11 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets import VQVAE, AutoencoderKL, ControlNet, DiffusionModelUNet
 
-from lightning_modules import AutoencoderModule, DiffusionModule, FirstStageModule, KLAutoencoderModule
+from lightning_modules import (
+    AutoencoderModule,
+    ControlNetModule,
+    DiffusionModule,
+    FirstStageModule,
+    KLAutoencoderModule,
+)
+from lightning_modules.controlnet import label_channels
 
 UNET_FILE, AUTOENCODER_FILE, SCHEDULE_FILE = "diffusion_unet.pt", "autoencoder.pt", "noise_schedule.pt"
+CONTROLNET_FILE = "controlnet.pt"
 
 
 @dataclass(frozen=True)
@@ -137,3 +145,52 @@ def inference_config(model: DiffusionModule, first_stage: tuple[str, dict[str, A
                      "num_inference_steps=@num_inference_steps, eta=@eta, guidance_scale=@guidance_scale, "
                      "seed=@seed, batch_size=@batch_size, device=@device)"]
     return config
+
+
+def controlnet_arguments(module: ControlNetModule) -> dict[str, Any]:
+    """Constructor arguments of the module's MONAI `ControlNet` (as ControlNetModule builds it on its base)."""
+    unet = unet_arguments(module.base)
+    return {**{key: unet[key] for key in ("spatial_dims", "in_channels", "channels", "attention_levels",
+                                          "num_res_blocks", "num_head_channels", "norm_num_groups",
+                                          "num_class_embeds", "use_flash_attention")},
+            "conditioning_embedding_in_channels": len(module.mask_labels),
+            "conditioning_embedding_num_channels": list(module.embedding_channels)}
+
+
+def check_controlnet(arguments: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Build the bundle's `ControlNet` from these arguments and load its weights strictly (raises on mismatch)."""
+    ControlNet(**{k: _tuples(v) for k, v in arguments.items()}).load_state_dict(state)
+
+
+def mask_inference_config(module: ControlNetModule, first_stage: tuple[str, dict[str, Any]] | None,
+                          sampler: Sampler) -> dict[str, Any]:
+    """`configs/inference.json` of a ControlNet bundle: the base's networks plus the ControlNet and the mask rules.
+
+    Run it with `--mask seg.nii.gz` (a file or a folder); override `label`, `num_samples`, `seed`, … likewise.
+    """
+    config = inference_config(module.base, first_stage, sampler)
+    del config["classes"]
+    config["imports"] = [*config["imports"], "$import scripts.masks"]  # scripts/masks.py: msrl's mask_files
+    config["output_dir"] = None  # None: each volume beside its mask
+    channels = label_channels(module.mask_labels)
+    config.update({
+        "mask": None,  # a NIfTI lesion mask or a folder of them (required)
+        "label": "auto",  # the class of every volume; "auto": 1 for a mask with a lesion voxel, else 0
+        "overwrite": False,  # replace volumes drawn before
+        "controlnet_def": {"_target_": "monai.networks.nets.ControlNet", **controlnet_arguments(module)},
+        "controlnet": f"$scripts.sampler.load_weights(@controlnet_def, os.path.join(@bundle_root, 'models', "
+                      f"'{CONTROLNET_FILE}'))",
+        "mask_rules": {"_target_": "scripts.masks.MaskRules", "size": int(module.hparams.spatial_size),
+                       "labels": [c["label"] for c in channels], "meanings": [c["meaning"] for c in channels]},
+    })
+    base_sampler = config.pop("sampler")
+    del base_sampler["affine"]  # the volumes take their masks' affines
+    config["sampler"] = {**base_sampler, "_target_": "scripts.sampler.MaskSampler", "controlnet": "@controlnet",
+                         "mask_files": "$scripts.masks", "mask_rules": "@mask_rules",
+                         "conditioning": str(module.hparams.conditioning),
+                         "conditioning_scale": float(module.hparams.conditioning_scale)}
+    config["run"] = ["$@sampler(@mask, @output_dir, label=@label, num_samples=@num_samples, "
+                     "num_inference_steps=@num_inference_steps, eta=@eta, guidance_scale=@guidance_scale, "
+                     "seed=@seed, batch_size=@batch_size, device=@device, overwrite=@overwrite)"]
+    return config
+

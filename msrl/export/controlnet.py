@@ -1,0 +1,77 @@
+"""The bundle of a ControlNet checkpoint: it takes a lesion mask and draws what `msrl sample --mask` draws.
+
+It carries the base's EMA UNet (what the ControlNet was trained on), the base's first stage when latent,
+the ControlNet's weights and the noise schedule, and `scripts/masks.py` (msrl/samples/mask_files.py, copied):
+the bundle reads, checks and refuses masks, and writes volumes beside them, exactly as `msrl sample` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msrl.samples.mask_files as mask_files
+from lightning_modules import ControlNetModule, load_weights
+from lightning_modules.controlnet import CONTROLNET_KEY
+from lightning_modules.diffusion.latent import sha256_of
+from msrl.export.configs import (
+    AUTOENCODER_FILE,
+    CONTROLNET_FILE,
+    SCHEDULE_FILE,
+    UNET_FILE,
+    Sampler,
+    check_controlnet,
+    check_networks,
+    controlnet_arguments,
+    first_stage_network,
+    mask_inference_config,
+    unet_arguments,
+)
+from msrl.export.provenance import plain, provenance, training_data
+from msrl.export.writer import SAMPLER_SCRIPT, BundleContents, plain_state
+
+MASK_DEFAULTS = ("num_samples", "label", "num_inference_steps", "eta", "guidance_scale", "seed", "batch_size")
+TRAINING_KEYS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "cfg_dropout",
+                 "lesion_loss_weight", "seed")
+
+
+def controlnet_contents(checkpoint_path: Path, checkpoint: dict[str, Any], sampler: Sampler, use_ema: bool,
+                        data_config: str | None) -> BundleContents:
+    """Weights, `inference.json` and the card's facts of a ControlNet checkpoint's bundle (base refused if changed)."""
+    if sampler.classes is not None:
+        raise ValueError(f"--classes {sampler.classes}: a ControlNet bundle draws per mask, each of the mask's class "
+                         "(label auto: 1 with a lesion voxel, else 0) or of --label given at run time")
+    module = ControlNetModule.from_msrl_checkpoint(checkpoint_path)
+    base = module.base
+    weights = {UNET_FILE: plain_state(base.ema.module),  # the ControlNet steers the base's EMA weights
+               CONTROLNET_FILE: plain_state(module.ema.module if use_ema else module.controlnet)}
+    first_stage = None
+    if base.latent is not None:
+        first_stage = first_stage_network(base.latent.autoencoder)
+        weights[AUTOENCODER_FILE] = plain_state(base.latent.autoencoder.network)
+    check_networks(unet_arguments(base), weights[UNET_FILE], first_stage, weights.get(AUTOENCODER_FILE))
+    check_controlnet(controlnet_arguments(module), weights[CONTROLNET_FILE])
+    weights[SCHEDULE_FILE] = {"betas": base.noise_scheduler.betas.detach().cpu().float().clone()}
+    info = provenance(module.base_path, load_weights(module.base_path), base, data_config)
+    if data_config is None:  # the data the ControlNet was trained on, from its own run's config.yaml
+        info["data"] = training_data(checkpoint_path, checkpoint, None) or info["data"]
+    info["base_checkpoint"] = info["checkpoint"]
+    info["checkpoint"] = {"path": str(checkpoint_path), "sha256": sha256_of(checkpoint_path),
+                          "kind": f"ControlNet on a {info['base_checkpoint']['kind']}",
+                          "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+    info["controlnet"] = controlnet_summary(module, checkpoint)
+    info["exported_weights"] = (f"ControlNet {'EMA' if use_ema else 'raw (not EMA)'}; base UNet EMA (the weights the "
+                                "ControlNet was trained on)")
+    return BundleContents(weights, mask_inference_config(module, first_stage, sampler), info, MASK_DEFAULTS,
+                          scripts={"sampler": SAMPLER_SCRIPT, "masks": Path(mask_files.__file__)})
+
+
+def controlnet_summary(module: ControlNetModule, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The card's ControlNet facts: its base, label channels, conditioning and training settings."""
+    record = checkpoint[CONTROLNET_KEY]
+    hparams = plain(dict(module.hparams))
+    return {"base_checkpoint": record["base_checkpoint"], "base_sha256": record["base_sha256"],
+            "label_channels": plain(record["label_channels"]), "mask_size": int(hparams["spatial_size"]),
+            "conditioning": hparams["conditioning"], "conditioning_scale": hparams["conditioning_scale"],
+            "embedding_channels": list(module.embedding_channels),
+            "training": {key: hparams.get(key) for key in TRAINING_KEYS}}
