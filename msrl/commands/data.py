@@ -29,7 +29,9 @@ def data_argv(argv: list[str]) -> list[str]:
 
     A data YAML (class_path + init_args, e.g. configs/data/template.yaml) passes unchanged.
     """
-    out = list(argv)
+    out: list[str] = []
+    for arg in argv:  # `--data=PATH` as `--data PATH`
+        out += arg.split("=", 1) if arg.startswith("--data=") else [arg]
     for index, arg in enumerate(out[:-1]):
         path = Path(out[index + 1])
         if arg == "--data" and path.suffix in (".yaml", ".yml") and path.is_file():

@@ -56,6 +56,12 @@ def mask_paths(specs: Sequence[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"mask {spec} does not exist (expected a .nii.gz label map or a folder of them)")
     unique = list(dict.fromkeys(os.path.abspath(path) for path in found))
+    targets: dict[str, str] = {}
+    for path in unique:  # `a.nii` and `a.nii.gz` would draw into the same `a_sample_<k>.nii.gz`
+        other = targets.setdefault(sample_path(path, 0), path)
+        if other != path:
+            raise ValueError(f"masks {other} and {path} share the name {mask_stem(path)!r} in one folder: their "
+                             "volumes would overwrite each other; rename one")
     return unique
 
 

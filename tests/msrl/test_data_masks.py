@@ -20,7 +20,7 @@ def test_written_masks_are_the_cached_seg_and_msrl_sample_takes_them(cohort_cach
                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "masks"
     config = data_yaml(cohort_cache, tmp_path / "train.yaml", nested=True)  # a training config's data: section
-    main(["data", "masks", "--data", str(config), "--split", "val", "--out", str(out)])
+    main(["data", "masks", f"--data={config}", "--split", "val", "--out", str(out)])
     assert "wrote 2 masks of the val split (1 with a lesion)" in capsys.readouterr().out
     data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, val_fraction=0.25,
                                     test_fraction=0.25)

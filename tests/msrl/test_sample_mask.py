@@ -129,8 +129,13 @@ def test_every_refusal_names_the_file_and_writes_nothing(controlnet_checkpoint: 
         err = capsys.readouterr().err
         assert "1 mask(s) refused, nothing was drawn" in err and f"{path}: " in err, err
         assert re.search(message, err), err
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    save_mask(lesion_mask(), twins / "case.nii")
+    save_mask(lesion_mask(), twins / "case.nii.gz")
     for argv, message in [
         (["--checkpoint", str(pretrained_kl_checkpoint), "--mask", str(good)], "without mask conditioning"),
+        (["--checkpoint", str(controlnet_checkpoint), "--mask", str(twins)], "share the name 'case' in one folder"),
         (["--checkpoint", str(controlnet_checkpoint)], "is a ControlNet (msrl train-controlnet)"),
         (["--checkpoint", str(controlnet_checkpoint), "--mask", str(good), "--out", str(tmp_path / "x")],
          "--out is not used with --mask"),
@@ -141,7 +146,7 @@ def test_every_refusal_names_the_file_and_writes_nothing(controlnet_checkpoint: 
         with pytest.raises(SystemExit):
             main(["sample", *argv, *SAMPLER])
         assert message in capsys.readouterr().err, argv
-    assert not list(tmp_path.glob("*sample*")) and not (tmp_path / "samples.csv").exists()
+    assert not list(tmp_path.rglob("*sample*")) and not list(tmp_path.rglob("samples.csv"))
     assert not list(tmp_path.glob(".*"))  # no staged file left behind
     (tmp_path / "good_sample_0.nii.gz").write_bytes(b"")
     with pytest.raises(SystemExit):
