@@ -94,21 +94,19 @@ def main(argv: list[str]) -> None:
     if (args.num_samples is not None and args.num_samples < 1) or args.steps < 1 or args.batch_size < 1:
         raise ValueError("--num-samples, --steps and --batch-size must be >= 1")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.data is not None and args.masks_from_split is None:
+        raise ValueError("--data is read only with --masks-from-split")
+    if not args.mask and args.masks_from_split is None:
+        sample_plain(args, device)
+        return
     kind, checkpoint = generator_kind(args.checkpoint)
-    from_masks = bool(args.mask) or args.masks_from_split is not None
-    if kind == "controlnet" and not from_masks:
-        raise ValueError(f"checkpoint {args.checkpoint} {CONTROLNET_NEEDS_MASKS}")
-    if kind == "diffusion" and from_masks:
+    if kind == "diffusion":
         raise ValueError(f"checkpoint {args.checkpoint} is a diffusion model without mask conditioning: --mask and "
                          "--masks-from-split need a ControlNet checkpoint (msrl train-controlnet --model."
                          "base_checkpoint on this one)")
     if args.mask and args.masks_from_split is not None:
         raise ValueError("pass either --mask or --masks-from-split, not both")
-    if args.data is not None and args.masks_from_split is None:
-        raise ValueError("--data is read only with --masks-from-split")
-    if not from_masks:
-        sample_plain(args, device)
-    elif args.mask:
+    if args.mask:
         sample_beside_masks(args, checkpoint, device)
     else:
         sample_split(parser, args, checkpoint, device)
@@ -117,7 +115,12 @@ def main(argv: list[str]) -> None:
 def sample_plain(args: Namespace, device: torch.device) -> None:
     """Draw from a diffusion model: `sample_<index>.nii.gz`, `manifest.csv`, `slices.png` in `--out`."""
     num_samples, out = args.num_samples or 8, Path(args.out or "samples")
-    model = load_checkpoint(args.checkpoint, device)
+    try:
+        model = load_checkpoint(args.checkpoint, device)
+    except ValueError:
+        if generator_kind(args.checkpoint)[0] == "controlnet":  # read again only to say what it is
+            raise ValueError(f"checkpoint {args.checkpoint} {CONTROLNET_NEEDS_MASKS}") from None
+        raise
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite true or choose another --out")
     num_classes = model.hparams.num_classes
