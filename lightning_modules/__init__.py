@@ -20,6 +20,7 @@ from lightning_modules.critics import (
     RealismCriticModule,
     RealismDataModule,
     RewardNetworkModule,
+    SegmenterModule,
 )
 from lightning_modules.diffusion import DiffusionModule, LatentSpace
 from lightning_modules.finetune import FinetuneBase, Reward, finetune_tags, score_components
@@ -35,5 +36,6 @@ from lightning_modules.slices import PLANES, SliceSampler
 __all__ = ["PLANES", "AutoencoderModule", "ClassifierModule", "ControlNetModule", "DiffusionModule", "FinetuneBase",
            "FirstStageModule", "FirstStageTraining", "KLAutoencoderModule", "LatentSpace", "PPOFinetuneModule",
            "PooledConvNet", "RealismCriticModule", "RealismDataModule", "Reward", "RewardBackpropModule",
-           "RewardNetworkModule", "SliceSampler", "StepBoundaryRequeue", "UnsafeCheckpointError", "finetune_tags",
+           "RewardNetworkModule", "SegmenterModule", "SliceSampler", "StepBoundaryRequeue", "UnsafeCheckpointError",
+           "finetune_tags",
            "load_weights", "score_components"]
