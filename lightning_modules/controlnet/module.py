@@ -120,14 +120,19 @@ class ControlNetModule(L.LightningModule):
         return {"down_residuals": down, "mid_residual": mid}
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None,
-                condition: torch.Tensor, use_ema: bool = False) -> torch.Tensor:
+                condition: torch.Tensor, use_ema: bool = False, model: DiffusionModule | None = None,
+                model_ema: bool = True) -> torch.Tensor:
         """The frozen base's (EMA) prediction with this ControlNet's residuals.
 
         A batch larger than the condition's (classifier-free guidance stacks [conditional, null]) repeats
         the condition, so the mask conditions the null pass too (as MONAI's ControlNet inferers do).
+        `model` (None: the base) is another diffusion model of the base's architecture the residuals are
+        added to, e.g. one fine-tuned under this ControlNet; `model_ema`: its EMA weights, else its raw ones.
         """
         condition = condition.repeat(x.shape[0] // condition.shape[0], 1, 1, 1, 1)
-        return self.base.ema_forward(x, timesteps, labels, **self.residuals(x, timesteps, labels, condition, use_ema))
+        model = self.base if model is None else model
+        predict = model.ema_forward if model_ema else model.forward
+        return predict(x, timesteps, labels, **self.residuals(x, timesteps, labels, condition, use_ema))
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
              label_dropout: float = 0.0) -> torch.Tensor:
@@ -204,11 +209,37 @@ class ControlNetModule(L.LightningModule):
     # Sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, seg: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int = 50, eta: float = 0.0,
-                 guidance_scale: float = 1.0, seed: int = 0, use_ema: bool = True) -> torch.Tensor:
-        """Volumes [N, C, S, S, S] in [-1, 1] drawn under label maps `seg` [N, 1, S, S, S] (the base's sampler)."""
-        denoiser = partial(self, condition=self.condition(seg.to(self.device)), use_ema=use_ema)
-        return self.base.generate(seg.shape[0], labels, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-                                  seed=seed, denoiser=denoiser)
+                 guidance_scale: float = 1.0, seed: int = 0, use_ema: bool = True,
+                 model: DiffusionModule | None = None, model_ema: bool = True) -> torch.Tensor:
+        """Volumes [N, C, S, S, S] in [-1, 1] drawn under label maps `seg` [N, 1, S, S, S] (the base's sampler).
+
+        Args:
+            use_ema: the ControlNet's EMA weights (else its raw ones).
+            model: the diffusion model this ControlNet's residuals are added to, whose sampler draws (None: the
+                frozen base); it must have the base's architecture (`check_architecture`), e.g. a model
+                fine-tuned under this ControlNet, and is moved to this module's device.
+            model_ema: `model`'s EMA weights (else its raw ones); the base always predicts with its EMA.
+        """
+        if model is None:
+            model, model_ema = self.base, True
+        else:
+            model = check_architecture(model, self._base, self.base_path).to(self.device)
+        denoiser = partial(self, condition=self.condition(seg.to(self.device)), use_ema=use_ema, model=model,
+                           model_ema=model_ema)
+        return model.generate(seg.shape[0], labels, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                              seed=seed, denoiser=denoiser)
+
+
+def check_architecture(model: DiffusionModule, base: DiffusionModule, base_path: str | Path) -> DiffusionModule:
+    """`model`, refused unless its UNet has the base's weights (names, shapes) and denoised shape: a ControlNet's
+    residuals fit that UNet's skips only."""
+    shapes = [{key: tuple(value.shape) for key, value in m.ema.module.state_dict().items()} for m in (model, base)]
+    differ = sorted(set(shapes[0].items()) ^ set(shapes[1].items()))
+    if differ or tuple(model.sample_shape) != tuple(base.sample_shape):
+        raise ValueError(f"a ControlNet of {base_path} adds residuals to models of that base's architecture only: "
+                         f"this model denoises {tuple(model.sample_shape)} (base {tuple(base.sample_shape)}) and "
+                         f"{len(differ)} UNet weights differ in name or shape {differ[:2]}")
+    return model
 
 
 def load_base(path: str | Path, in_channels: int, spatial_size: int, num_classes: int) -> DiffusionModule:

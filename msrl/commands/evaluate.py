@@ -1,10 +1,11 @@
 """`msrl evaluate`: distribution metrics per extractor, paired differences, reward, memorisation, utility, fidelity.
 
 Each `--checkpoint` is sampled at the evaluation's sampler and at the rollout sampler of every
-fine-tuned checkpoint, always with the same seeds (a ControlNet checkpoint under the held-out split's
-lesion masks), or each `--generated` folder of `msrl sample` is read; everything is compared with
-the held-out real volumes (FID against the training split beside), the fine-tuned run's reward
-scores every set of volumes, the utility classifiers trained on the real training split judge
+fine-tuned checkpoint, always with the same seeds (a ControlNet checkpoint, or one fine-tuned under a
+ControlNet, under the held-out split's lesion masks), or each `--generated` folder of `msrl sample` is
+read; everything is compared with the held-out real volumes (FID against the training split beside),
+the fine-tuned run's reward scores every set of volumes (its parts that read masks against the masks
+the volumes carry), the utility classifiers trained on the real training split judge
 whether each volume shows its class (class fidelity), and every checkpoint is compared with the
 baseline by paired bootstrap. With lesion masks, segmenters trained on real, synthetic and
 real + synthetic pairs give the segmentation utility, and the real-trained ones judge whether each
@@ -47,7 +48,7 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(VolumeDataModule, "data", help="the real data: a data YAML (--data-config) or class")
     parser.add_argument("--checkpoint", type=list[str], default=[],
                         help="msrl checkpoints to sample (repeatable): pretraining, fine-tuning or ControlNet "
-                             "(drawn from the held-out lesion masks)")
+                             "(drawn from the held-out lesion masks, as is a checkpoint fine-tuned under one)")
     parser.add_argument("--generated", type=list[str], default=[], help="folders written by msrl sample (repeatable)")
     parser.add_argument("--autoencoder", type=list[str], default=[],
                         help="first-stage checkpoints: their reconstructions of the real volumes (the FID floor)")
@@ -83,7 +84,8 @@ def build_parser() -> ArgumentParser:
                         help="segmenter protocol (segmentation utility and mask fidelity)")
     parser.add_argument("--skip-segmentation", "--skip_segmentation", type=bool | None, default=None,
                         help="true: no segmenters; false: segmenters even without a ControlNet checkpoint; "
-                             "default: segmenters when a ControlNet checkpoint is given and the data serves masks")
+                             "default: segmenters when a checkpoint drawing from masks (a ControlNet, or one "
+                             "fine-tuned under it) is given and the data serves masks")
     parser.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda', …")
     parser.add_argument("--out", type=str, required=True, help="output folder (metrics.json, metrics.md, volumes)")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")

@@ -2,7 +2,8 @@
 
 `EvaluationRun` holds the real reference sets, the extractors' features of them, the fine-tuned
 run's reward and every source's volumes, and produces metrics.json's content. Reading the inputs
-and writing the outputs stay in msrl/commands/evaluate.py.
+and writing the outputs stay in msrl/commands/evaluate.py. The reward scores each set of volumes with the
+masks it carries (msrl/evaluation/reward_scores.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from msrl.commands.evaluate_sources import (
     Sampler,
     SourceVolumes,
     checkpoint_metadata,
-    is_controlnet,
+    draws_from_masks,
     read_generated,
     real_masks,
     real_volumes,
@@ -114,8 +115,8 @@ class EvaluationRun:
         self._read_masks()
 
     def _read_masks(self) -> None:
-        """The held-out masks when a ControlNet draws from them or segmentation runs (same split as utility)."""
-        controlnets = any(is_controlnet(info) for info in self.metadata.values())
+        """The held-out masks when a checkpoint draws from them or segmentation runs (same split as utility)."""
+        controlnets = any(draws_from_masks(info) for info in self.metadata.values())
         serves = real_masks(self.data, "train") is not None
         segment = segmentation_wanted(self.config.skip_segmentation, controlnets, serves)
         if not (controlnets or segment):
@@ -176,12 +177,12 @@ class EvaluationRun:
         """Each of the source's volume sets with its utility draws and (a ControlNet's) synthetic pairs."""
         config = self.config
         if kind == "checkpoint":
-            controlnet = is_controlnet(self.metadata[path])
+            from_masks = draws_from_masks(self.metadata[path])
             extra = 0 if config.skip_utility else max(len(self.protocol.seeds) - 1, 0)
             sampled, draws, pairs = sample_checkpoint(
                 name, path, samplers, self.evaluation, config.num_samples, config.seed, config.batch_size, self.data,
-                self.device, extra_draws=extra, controlnet=controlnet, heldout=self.heldout)
-            if not controlnet:  # a ControlNet's first draw is from held-out masks: never a training set
+                self.device, extra_draws=extra, from_masks=from_masks, heldout=self.heldout)
+            if not from_masks:  # a draw from held-out masks is never a training set
                 draws = [sampled[0].volumes, *draws]
             return [(s, draws, pairs) if s.sampler == self.evaluation else (s, [], []) for s in sampled]
         if kind == "generated":
@@ -197,7 +198,7 @@ class EvaluationRun:
         config, volumes = self.config, source.volumes
         rows = distribution_records(cache, features, volumes.labels, config.bootstrap, config.kid_subsets, config.seed)
         rows += diversity_records(volumes.volumes, config.ms_ssim_pairs, config.seed)
-        rows += self._reward_records(volumes)
+        rows += self._reward_records(volumes, source.masks, source.key)
         rows += memorisation_records(features, volumes.volumes, cache, self.extractors[0].name)
         if draws and not config.skip_utility:
             sets = [draws[i % len(draws)] for i in range(len(self.protocol.seeds))]
@@ -214,7 +215,10 @@ class EvaluationRun:
 
     def _real_records(self) -> list[dict[str, Any]]:
         rows = diversity_records(self.reference.volumes, self.config.ms_ssim_pairs, self.config.seed)
-        rows += self._reward_records(self.reference)
+        # the held-out masks are the reference's own when both are the same split (in the same order)
+        masks = self.heldout.masks if self.heldout is not None and self.config.real_split == self.utility_split \
+            else None
+        rows += self._reward_records(self.reference, masks, f"the real {self.config.real_split} volumes")
         if not self.config.skip_utility:
             # trained once per utility seed and kept: they also judge class fidelity
             self.classifiers = self.protocol.classifiers(self.train, self.data.num_classes)
@@ -238,19 +242,16 @@ class EvaluationRun:
         return fidelity_records(self.classifiers, volumes, self.protocol.seeds, len(self.train.labels),
                                 self.config.batch_size, self.config.seed)
 
-    @torch.no_grad()
-    def _reward_records(self, volumes: LabelledVolumes) -> list[dict[str, Any]]:
+    def _reward_records(self, volumes: LabelledVolumes, masks: torch.Tensor | None, what: str
+                        ) -> list[dict[str, Any]]:
+        """The reward's raw scores; its mask-reading parts against `masks` (skipped, with a note, without them)."""
         if self.reward is None:
             return []
-        from lightning_modules.finetune.reward import raw_reward_scores
+        from msrl.evaluation.reward_scores import reward_scores
 
-        parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(volumes.labels), self.config.batch_size):
-            chunk = volumes.volumes[start : start + self.config.batch_size].to(self.device)
-            labels = volumes.labels[start : start + self.config.batch_size].to(self.device)
-            for component, values in raw_reward_scores(self.reward, chunk, labels).items():
-                parts.setdefault(component, []).append(values.detach().float().cpu())
-        return reward_records({k: torch.cat(v) for k, v in parts.items()}, self.config.seed)
+        scores = reward_scores(self.reward, volumes.volumes, volumes.labels, masks, self.config.batch_size,
+                               self.device, what)
+        return reward_records(scores, self.config.seed)
 
     def _comparisons(self, cache: FeatureCache, features: dict[str, Features],
                      records: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

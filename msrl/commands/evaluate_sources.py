@@ -11,6 +11,9 @@ from the held-out mask assigned to it (`assign_masks`); a plain checkpoint draws
 the same seeds and ignores the mask, so both pair volume by volume (mask fidelity's "no mask
 conditioning" row). Its synthetic training pairs come from the training split's masks instead:
 volumes drawn from held-out masks would leak the test lesions into what the utility networks learn.
+A checkpoint fine-tuned under a ControlNet (`msrl_masks`) draws as a ControlNet does, with the recorded
+ControlNet's residuals on its own UNet (`msrl.samples.MaskFinetuned`), so it pairs volume by volume with
+that ControlNet and with the plain base.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from datamodules.base import VolumeDataModule
 from lightning_modules.checkpoint_io import load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY, ControlNetModule
 from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.evaluation.extractors import file_digest
 from msrl.evaluation.segmentation import MaskedVolumes
 from msrl.evaluation.utility import LabelledVolumes
 from msrl.samples import draw_volumes, load_checkpoint, read_samples
+from msrl.samples.from_masks import MaskFinetuned, load_mask_generator
 
 SYNTHETIC_PAIRS_SEED = 100_000  # training-mask draw k is seeded seed + 100 000 + 10 000·k (no evaluation draw's noise)
 
@@ -117,34 +122,39 @@ def assign_masks(labels: torch.Tensor | None, heldout_labels: torch.Tensor, num_
 
 
 def checkpoint_metadata(path: str) -> dict[str, Any]:
-    """`msrl_rollout`, `msrl_reward` and `msrl_controlnet` of a checkpoint (empty for a pretraining checkpoint)."""
+    """`msrl_rollout`, `msrl_reward`, `msrl_controlnet` and `msrl_masks` of a checkpoint (none: a pretrained one)."""
     checkpoint = load_weights(path)
-    return {key: checkpoint[key] for key in ("msrl_rollout", "msrl_reward", CONTROLNET_KEY) if key in checkpoint}
+    return {key: checkpoint[key] for key in ("msrl_rollout", "msrl_reward", CONTROLNET_KEY, MASKS_KEY)
+            if key in checkpoint}
 
 
-def is_controlnet(metadata: dict[str, Any]) -> bool:
-    """Whether a checkpoint's metadata (`checkpoint_metadata`) is a ControlNet's."""
-    return CONTROLNET_KEY in metadata
+def draws_from_masks(metadata: dict[str, Any]) -> bool:
+    """Whether a checkpoint's metadata (`checkpoint_metadata`) is a ControlNet's or a model's fine-tuned under one."""
+    return CONTROLNET_KEY in metadata or MASKS_KEY in metadata
 
 
-def load_generator(path: str, device: torch.device, controlnet: bool) -> DiffusionModule | ControlNetModule:
-    """The model of a checkpoint, ready to sample: a ControlNet with its base, or a diffusion model."""
-    if not controlnet:
-        return load_checkpoint(path, device)
-    return ControlNetModule.from_msrl_checkpoint(path).to(device).eval()
+Generator = DiffusionModule | ControlNetModule | MaskFinetuned
 
 
-def draw(model: DiffusionModule | ControlNetModule, count: int, labels: torch.Tensor | None,
-         masks: torch.Tensor | None, sampler: Sampler, seed: int, batch_size: int) -> torch.Tensor:
-    """Volumes drawn in batches seeded `seed + start` (as `draw_volumes`); a ControlNet under `masks`, else none.
+def load_generator(path: str, device: torch.device, from_masks: bool) -> Generator:
+    """The model of a checkpoint, ready to sample: a diffusion model, or what draws from masks (its ControlNet's
+    files checked: `msrl.samples.load_mask_generator`)."""
+    return load_mask_generator(path, device) if from_masks else load_checkpoint(path, device)
 
-    A ControlNet and its base draw the same noise at the same seeds, so they pair volume by volume.
+
+def draw(model: Generator, count: int, labels: torch.Tensor | None, masks: torch.Tensor | None, sampler: Sampler,
+         seed: int, batch_size: int) -> torch.Tensor:
+    """Volumes drawn in batches seeded `seed + start` (as `draw_volumes`); a mask generator under `masks`, else none.
+
+    A ControlNet, its base and a model fine-tuned under it draw the same noise at the same seeds, so they pair
+    volume by volume.
     """
-    if not isinstance(model, ControlNetModule):
+    if isinstance(model, DiffusionModule):
         return draw_volumes(model, count, labels, steps=sampler.steps, eta=sampler.eta,
                             guidance_scale=sampler.guidance_scale, seed=seed, batch_size=batch_size)[0]
     if masks is None:
-        raise ValueError("a ControlNet draws from lesion masks, and the data serves none (no 'seg' key)")
+        raise ValueError("a ControlNet (or a model fine-tuned under one) draws from lesion masks, and the data serves "
+                         "none (no 'seg' key)")
     volumes = []
     for start in range(0, count, batch_size):
         chunk = slice(start, start + batch_size)
@@ -192,20 +202,21 @@ class Heldout:
 
 def sample_checkpoint(name: str, path: str, samplers: list[Sampler], evaluation: Sampler, num_samples: int,
                       seed: int, batch_size: int, data: VolumeDataModule, device: torch.device,
-                      extra_draws: int = 0, controlnet: bool = False, heldout: Heldout | None = None
+                      extra_draws: int = 0, from_masks: bool = False, heldout: Heldout | None = None
                       ) -> tuple[list[SourceVolumes], list[LabelledVolumes], list[MaskedVolumes]]:
     """The checkpoint's volumes at every sampler (same seeds), its utility draws and its synthetic pairs.
 
     A plain checkpoint's `extra_draws` (evaluation sampler, seeds offset by 10 000 per draw) are
     training sets for the utility classifiers of later seeds: synthetic utility then covers
-    independent synthetic data. A ControlNet draws `heldout.pair_draws` sets from the training
-    split's masks instead, each volume with its own class: the training sets of both the
-    segmenters (pairs) and the classifiers (labelled volumes). With `heldout`, every volume carries
-    the held-out mask it was drawn from (a ControlNet) or is judged against (a plain checkpoint).
+    independent synthetic data. A checkpoint drawing from masks (`from_masks`: a ControlNet, or a model
+    fine-tuned under one) draws `heldout.pair_draws` sets from the training split's masks instead, each
+    volume with its own class: the training sets of both the segmenters (pairs) and the classifiers
+    (labelled volumes). With `heldout`, every volume carries the held-out mask it was drawn from (drawing
+    from masks) or is judged against (a plain checkpoint).
     """
-    if controlnet and heldout is None:
-        raise ValueError(f"--checkpoint {path} is a ControlNet: it needs the held-out lesion masks to draw from")
-    model = load_generator(path, device, controlnet)
+    if from_masks and heldout is None:
+        raise ValueError(f"--checkpoint {path} draws from lesion masks: it needs the held-out masks to draw from")
+    model = load_generator(path, device, from_masks)
     num_classes = model.hparams.num_classes
     if num_classes != data.num_classes:
         raise ValueError(f"--checkpoint {path} has {num_classes} classes, the data {data.num_classes}")
@@ -214,9 +225,11 @@ def sample_checkpoint(name: str, path: str, samplers: list[Sampler], evaluation:
     masks = None if heldout is None else heldout.masks[heldout.index]
     info = {"sha256_8": file_digest(path)}
     if heldout is not None:
-        info["mask_conditioned"] = controlnet
-    if controlnet:
+        info["mask_conditioned"] = from_masks
+    if isinstance(model, ControlNetModule):
         info["base_checkpoint"] = str(model.base_path)
+    if isinstance(model, MaskFinetuned):  # fine-tuned under this ControlNet, drawn with its residuals
+        info["controlnet_checkpoint"] = str(model.controlnet_path)
     out = []
     for sampler in samplers:
         volumes = draw(model, num_samples, conditional, masks, sampler, seed, batch_size)
@@ -224,7 +237,7 @@ def sample_checkpoint(name: str, path: str, samplers: list[Sampler], evaluation:
         entry_name = name if sampler == evaluation else f"{name} [{sampler.label}]"
         out.append(SourceVolumes(name, "checkpoint", path, LabelledVolumes(volumes, labels), sampler, seed,
                                  {"entry_name": entry_name, **info}, masks))
-    if controlnet:
+    if from_masks:
         pairs = []
         train_labels = heldout.train_labels if num_classes else None
         for k in range(heldout.pair_draws):

@@ -5,7 +5,9 @@ ControlNet checkpoint (`msrl train-controlnet`) draws from masks: `--mask` (a NI
 repeatable) writes each volume beside its mask as `<stem>_sample_<k>.nii.gz` with the mask's affine and header,
 listed in the folder's `samples.csv`; `--masks-from-split test --data CONFIG` writes a split's cached masks
 (`<subject>_seg.nii.gz`) into `--out` and their volumes beside them. Every mask is checked before anything
-is drawn (msrl.samples.MaskRules).
+is drawn (msrl.samples.MaskRules). A checkpoint fine-tuned under a ControlNet (`msrl_masks`) draws from masks
+the same way, with the recorded ControlNet's residuals on its own UNet (the ControlNet file checked by its
+SHA-256); without masks it draws as a plain diffusion model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from jsonargparse import ArgumentParser, Namespace
 
 from datamodules.atomic import atomic_folder
 from datamodules.base import VolumeDataModule
-from lightning_modules.controlnet import CONTROLNET_KEY
 from msrl.commands.data import data_argv
 from msrl.commands.parsing import command_parser
 from msrl.samples import (
@@ -28,7 +29,6 @@ from msrl.samples import (
     draw_volumes,
     generator_kind,
     load_checkpoint,
-    load_controlnet,
     mask_paths,
     mask_rules,
     plan_draws,
@@ -37,6 +37,7 @@ from msrl.samples import (
     write_samples,
     write_split_masks,
 )
+from msrl.samples.from_masks import controlnet_record, load_mask_generator
 
 CONTROLNET_NEEDS_MASKS = ("is a ControlNet (msrl train-controlnet): it draws volumes for lesion masks; pass --mask "
                           "seg.nii.gz (a file or a folder, repeatable) or --masks-from-split test --data CONFIG "
@@ -48,15 +49,16 @@ def build_parser() -> ArgumentParser:
     parser = command_parser("msrl sample", "Draw volumes from a DiffusionModule checkpoint, or from lesion masks "
                                            "with a ControlNet checkpoint.")
     parser.add_argument("--checkpoint", type=str, required=True,
-                        help="a .ckpt written by msrl pretrain or finetune, or by msrl train-controlnet (with masks)")
+                        help="a .ckpt written by msrl pretrain or finetune, or by msrl train-controlnet (with masks); "
+                             "one fine-tuned under a ControlNet draws from masks with it, or without them as usual")
     parser.add_argument("--num-samples", "--num_samples", type=int | None, default=None,
                         help="volumes to draw (default 8); with masks: volumes per mask (default 1)")
     parser.add_argument("--label", type=int | None, default=None,
                         help="class of every sample; omitted: labels alternate 0, 1, …, and with masks each mask's "
                              "own: 1 if it holds a lesion voxel, else 0 (the template cohort's rule; BraTS: pass it)")
     parser.add_argument("--mask", type=list[str], default=[],
-                        help="ControlNet: a NIfTI lesion mask or a folder of *.nii.gz masks (repeatable); volumes "
-                             "are written beside each mask")
+                        help="ControlNet (or fine-tuned under one): a NIfTI lesion mask or a folder of *.nii.gz "
+                             "masks (repeatable); volumes are written beside each mask")
     parser.add_argument("--masks-from-split", "--masks_from_split", type=str | None, default=None,
                         help="ControlNet: draw from the cached masks of this split (train, val, test) of --data; "
                              "masks and volumes go into --out")
@@ -103,7 +105,8 @@ def main(argv: list[str]) -> None:
     if kind == "diffusion":
         raise ValueError(f"checkpoint {args.checkpoint} is a diffusion model without mask conditioning: --mask and "
                          "--masks-from-split need a ControlNet checkpoint (msrl train-controlnet --model."
-                         "base_checkpoint on this one)")
+                         "base_checkpoint on this one) or a model fine-tuned under one (msrl finetune with "
+                         "controlnet_checkpoint)")
     if args.mask and args.masks_from_split is not None:
         raise ValueError("pass either --mask or --masks-from-split, not both")
     if args.mask:
@@ -150,9 +153,9 @@ def sample_beside_masks(args: Namespace, checkpoint: dict[str, Any], device: tor
         raise ValueError("--out is not used with --mask: each volume is written beside its mask "
                          "(<mask>_sample_<k>.nii.gz); copy the masks where the volumes should go")
     masks = mask_rules(checkpoint).read_all(mask_paths(args.mask))
-    num_classes = int(checkpoint[CONTROLNET_KEY]["hparams"]["num_classes"])
+    num_classes = int(controlnet_record(checkpoint)["hparams"]["num_classes"])
     draws = plan_draws(masks, args.num_samples or 1, args.label, num_classes, overwrite=args.overwrite)
-    model = load_controlnet(args.checkpoint, device)
+    model = load_mask_generator(args.checkpoint, device)
     manifests = write_beside(draws, draw_batches(model, draws, **_sampler(args)), str(args.checkpoint))
     print(f"wrote {len(draws)} volumes beside {len(masks)} masks, listed in {', '.join(manifests)}")
 
@@ -165,11 +168,11 @@ def sample_split(parser: ArgumentParser, args: Namespace, checkpoint: dict[str, 
     out, split = Path(args.out or "samples"), args.masks_from_split
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite true or choose another --out")
-    rules, num_classes = mask_rules(checkpoint), int(checkpoint[CONTROLNET_KEY]["hparams"]["num_classes"])
+    rules, num_classes = mask_rules(checkpoint), int(controlnet_record(checkpoint)["hparams"]["num_classes"])
     check_label(args.label, num_classes)
     masks = split_masks(parser.instantiate_classes(args).data, split)
     check_split_masks(masks, rules, split)
-    model = load_controlnet(args.checkpoint, device)
+    model = load_mask_generator(args.checkpoint, device)
     with atomic_folder(out) as staging:
         written = rules.read_all(str(path) for path in write_split_masks(masks, staging, split))
         draws = plan_draws(written, args.num_samples or 1, args.label, num_classes)

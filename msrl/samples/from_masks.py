@@ -1,5 +1,10 @@
 """Volumes drawn from lesion masks by a ControlNet checkpoint, written beside the masks, and a data set's masks.
 
+Two checkpoints draw from masks: a ControlNet (`msrl train-controlnet`, `msrl_controlnet`) on its frozen base,
+and a model fine-tuned under a frozen ControlNet (`msrl finetune` with `controlnet_checkpoint`, `msrl_masks`),
+which draws with the recorded ControlNet's residuals on its own UNet, as its rollouts were drawn
+(`MaskFinetuned`; the ControlNet file is checked by its SHA-256).
+
 `msrl sample --mask` reads every mask first (`MaskRules.read_all`: refusals name each file), plans one
 draw per mask and sample (`plan_draws`), draws them in batches like `draw_volumes` (batch k seeded
 `seed + k·batch_size` over the flattened list of draws), and moves the volumes into place together
@@ -20,8 +25,11 @@ import numpy as np
 import torch
 
 from datamodules.base import VolumeDataModule
-from lightning_modules import ControlNetModule, load_weights
+from lightning_modules import ControlNetModule, DiffusionModule, load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY
+from lightning_modules.diffusion.latent import sha256_of
+from lightning_modules.finetune.masks import MASKS_KEY
+from msrl.samples.folder import load_checkpoint
 from msrl.samples.mask_files import (
     Mask,
     MaskRules,
@@ -33,24 +41,31 @@ from msrl.samples.mask_files import (
     volume_image,
 )
 
-GeneratorKind = Literal["controlnet", "diffusion"]
+GeneratorKind = Literal["controlnet", "mask-finetuned", "diffusion"]
 SPLITS = ("train", "val", "test")
 
 
 def generator_kind(path: str | Path) -> tuple[GeneratorKind, dict[str, Any]]:
-    """Whether a checkpoint is a ControlNet (`msrl train-controlnet`) or a diffusion model, and the checkpoint."""
+    """Whether a checkpoint is a ControlNet, a model fine-tuned under one, or a diffusion model; and the checkpoint."""
     checkpoint = load_weights(path)
     if isinstance(checkpoint, dict) and CONTROLNET_KEY in checkpoint:
         return "controlnet", checkpoint
+    if isinstance(checkpoint, dict) and MASKS_KEY in checkpoint:
+        return "mask-finetuned", checkpoint
     if isinstance(checkpoint, dict) and "msrl_diffusion" in checkpoint:
         return "diffusion", checkpoint
     raise ValueError(f"checkpoint {path} was written neither by msrl pretrain/finetune (no msrl_diffusion) nor by "
                      f"msrl train-controlnet (no {CONTROLNET_KEY}): it draws no volumes")
 
 
+def controlnet_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The `msrl_controlnet` record of a ControlNet checkpoint, or of the ControlNet a model was fine-tuned under."""
+    return checkpoint[CONTROLNET_KEY] if CONTROLNET_KEY in checkpoint else checkpoint[MASKS_KEY]["controlnet"]
+
+
 def mask_rules(checkpoint: dict[str, Any]) -> MaskRules:
-    """The masks a ControlNet checkpoint accepts: its volume side and label channels (from `msrl_controlnet`)."""
-    record = checkpoint[CONTROLNET_KEY]
+    """The masks a checkpoint drawing from masks accepts: its volume side and label channels (`controlnet_record`)."""
+    record = controlnet_record(checkpoint)
     channels = record["label_channels"]
     return MaskRules(int(record["hparams"]["spatial_size"]), [int(c["label"]) for c in channels],
                      [str(c["meaning"]) for c in channels])
@@ -59,6 +74,66 @@ def mask_rules(checkpoint: dict[str, Any]) -> MaskRules:
 def load_controlnet(path: str | Path, device: torch.device) -> ControlNetModule:
     """The ControlNet of a checkpoint with its base (refused if missing or changed), in eval mode on `device`."""
     return ControlNetModule.from_msrl_checkpoint(path, map_location="cpu").to(device).eval()
+
+
+class MaskFinetuned:
+    """A model fine-tuned under a frozen ControlNet, drawing from masks as its rollouts were drawn.
+
+    The ControlNet's EMA residuals (what fine-tuning added) on the fine-tuned model's EMA UNet (`use_ema`),
+    through `ControlNetModule.generate(model=...)`; `generate` has the ControlNet's signature.
+
+    Args:
+        model: the fine-tuned diffusion model.
+        controlnet: the ControlNet it was fine-tuned under (its base's architecture is checked when drawing).
+        controlnet_path: that ControlNet's file.
+    """
+
+    def __init__(self, model: DiffusionModule, controlnet: ControlNetModule, controlnet_path: str | Path) -> None:
+        self.model, self.controlnet, self.controlnet_path = model, controlnet, Path(controlnet_path)
+
+    @property
+    def hparams(self) -> Any:
+        """The fine-tuned model's hyperparameters (classes, volume side)."""
+        return self.model.hparams
+
+    def generate(self, seg: torch.Tensor, labels: torch.Tensor | None = None, num_steps: int = 50, eta: float = 0.0,
+                 guidance_scale: float = 1.0, seed: int = 0, use_ema: bool = True) -> torch.Tensor:
+        """Volumes [N, C, S, S, S] in [-1, 1] under label maps `seg` [N, 1, S, S, S], seeded as a ControlNet's."""
+        return self.controlnet.generate(seg, labels, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                                        seed=seed, use_ema=True, model=self.model, model_ema=use_ema)
+
+
+def recorded_controlnet(path: str | Path, checkpoint: dict[str, Any]) -> Path:
+    """The ControlNet file a checkpoint's `msrl_masks` names, refused (naming both files) if missing or changed."""
+    record = checkpoint[MASKS_KEY]
+    controlnet = Path(record["controlnet_checkpoint"])
+    if not controlnet.is_file():
+        raise FileNotFoundError(f"checkpoint {path} was fine-tuned under the ControlNet {controlnet}, which does not "
+                                f"exist (from {Path.cwd()}): restore it, or run from the directory the fine-tuning "
+                                "ran in")
+    found = sha256_of(controlnet)
+    if found != record["controlnet_sha256"]:
+        raise ValueError(f"ControlNet checkpoint {controlnet} is not the one {path} was fine-tuned under (sha256 "
+                         f"{found[:16]}…, recorded {record['controlnet_sha256'][:16]}…): restore the original file")
+    return controlnet
+
+
+def load_mask_generator(path: str | Path, device: torch.device) -> ControlNetModule | MaskFinetuned:
+    """What draws from masks for a checkpoint: a ControlNet with its base, or a fine-tuned model with its ControlNet.
+
+    Raises:
+        ValueError: a diffusion checkpoint fine-tuned without masks, or a changed ControlNet (or base) file.
+        FileNotFoundError: a missing ControlNet (or base) file.
+    """
+    kind, checkpoint = generator_kind(path)
+    if kind == "controlnet":
+        return load_controlnet(path, device)
+    if kind == "diffusion":
+        raise ValueError(f"checkpoint {path} is a diffusion model without mask conditioning: drawing from masks needs "
+                         "a ControlNet checkpoint (msrl train-controlnet --model.base_checkpoint on this one) or a "
+                         "model fine-tuned under one (msrl finetune with controlnet_checkpoint)")
+    controlnet = recorded_controlnet(path, checkpoint)
+    return MaskFinetuned(load_checkpoint(path, device), load_controlnet(controlnet, device), controlnet)
 
 
 @dataclass(frozen=True)
@@ -99,7 +174,7 @@ def plan_draws(masks: list[Mask], num_samples: int, label: int | None, num_class
     return draws
 
 
-def draw_batches(model: ControlNetModule, draws: list[MaskDraw], steps: int = 50, eta: float = 0.0,
+def draw_batches(model: ControlNetModule | MaskFinetuned, draws: list[MaskDraw], steps: int = 50, eta: float = 0.0,
                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 4, use_ema: bool = True
                  ) -> list[tuple[np.ndarray, int]]:
     """Each draw's volume [S, S, S] (or [S, S, S, C]) and the seed of its batch, batch k seeded seed + k·batch_size."""
