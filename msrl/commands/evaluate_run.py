@@ -24,6 +24,7 @@ from msrl.commands.evaluate_sources import (
     Heldout,
     Sampler,
     SourceVolumes,
+    check_conditioning_files,
     checkpoint_metadata,
     draws_from_masks,
     read_generated,
@@ -75,8 +76,10 @@ class EvaluationRun:
 
     # Inputs ------------------------------------------------------------------------------------
     def check_independence(self, sources: dict[str, tuple[str, str]]) -> None:
-        """Read the checkpoints' records, rebuild the reward, refuse extractors that share its weights."""
+        """Read the checkpoints' records (refusing missing or changed ControlNet and base files), rebuild the reward,
+        refuse extractors that share its weights."""
         self.metadata = {path: checkpoint_metadata(path) for kind, path in sources.values() if kind == "checkpoint"}
+        check_conditioning_files(self.metadata)
         networks = recorded_networks(self.metadata)
         if not self.config.skip_reward:
             self.reward, self.reward_origin = self._load_reward()

@@ -27,13 +27,14 @@ import torch
 from datamodules.base import VolumeDataModule
 from lightning_modules.checkpoint_io import load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY, ControlNetModule
+from lightning_modules.controlnet.module import check_base
 from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.evaluation.extractors import file_digest
 from msrl.evaluation.segmentation import MaskedVolumes
 from msrl.evaluation.utility import LabelledVolumes
 from msrl.samples import draw_volumes, load_checkpoint, read_samples
-from msrl.samples.from_masks import MaskFinetuned, load_mask_generator
+from msrl.samples.from_masks import MaskFinetuned, controlnet_record, load_mask_generator, recorded_controlnet
 
 SYNTHETIC_PAIRS_SEED = 100_000  # training-mask draw k is seeded seed + 100 000 + 10 000·k (no evaluation draw's noise)
 
@@ -133,12 +134,21 @@ def draws_from_masks(metadata: dict[str, Any]) -> bool:
     return CONTROLNET_KEY in metadata or MASKS_KEY in metadata
 
 
+def check_conditioning_files(metadata: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before any compute, a ControlNet's missing or changed base, or a fine-tuned model's ControlNet (or its
+    base), each file named (`check_base`, `msrl.samples.recorded_controlnet`)."""
+    for path, info in metadata.items():
+        if MASKS_KEY in info:
+            check_base(controlnet_record(info), recorded_controlnet(path, info))
+        elif CONTROLNET_KEY in info:
+            check_base(info[CONTROLNET_KEY], path)
+
+
 Generator = DiffusionModule | ControlNetModule | MaskFinetuned
 
 
 def load_generator(path: str, device: torch.device, from_masks: bool) -> Generator:
-    """The model of a checkpoint, ready to sample: a diffusion model, or what draws from masks (its ControlNet's
-    files checked: `msrl.samples.load_mask_generator`)."""
+    """The model of a checkpoint, ready to sample: a diffusion model, or what draws from masks (files checked)."""
     return load_mask_generator(path, device) if from_masks else load_checkpoint(path, device)
 
 

@@ -101,8 +101,8 @@ def test_a_zero_update_finetuned_checkpoint_draws_what_its_controlnet_draws_and_
         net.generate(seg, labels, num_steps=1, model=other)
 
 
-def test_a_missing_or_changed_controlnet_file_is_refused_by_name(checkpoints: tuple[Path, Path], tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_a_missing_or_changed_controlnet_file_is_refused_by_name(checkpoints: tuple[Path, Path], cohort_cache: Path,
+                                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     controlnet, finetuned = checkpoints
     copy = tmp_path / "copy.ckpt"
     shutil.copy(controlnet, copy)
@@ -117,8 +117,11 @@ def test_a_missing_or_changed_controlnet_file_is_refused_by_name(checkpoints: tu
         with pytest.raises(SystemExit):
             main(["sample", "--checkpoint", str(tmp_path / "finetuned.ckpt"), "--mask", str(masks), *SAMPLER])
         assert message in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # before any real volume is read or anything drawn
+            _evaluate(cohort_cache, tmp_path / "eval", "--checkpoint", str(tmp_path / "finetuned.ckpt"))
+        assert message in capsys.readouterr().err
         copy.unlink(missing_ok=True)
-    assert not list(masks.glob("*sample*"))
+    assert not list(masks.glob("*sample*")) and not (tmp_path / "eval").exists()
 
 
 def test_evaluate_pairs_the_finetuned_model_with_its_controlnet_and_scores_the_mask_reward(
