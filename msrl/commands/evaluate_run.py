@@ -221,7 +221,7 @@ class EvaluationRun:
         # the held-out masks are the reference's own when both are the same split (in the same order)
         masks = self.heldout.masks if self.heldout is not None and self.config.real_split == self.utility_split \
             else None
-        rows += self._reward_records(self.reference, masks, f"the real {self.config.real_split} volumes")
+        rows += self._reward_records(self.reference, masks, f"the real {self.config.real_split} split")
         if not self.config.skip_utility:
             # trained once per utility seed and kept: they also judge class fidelity
             self.classifiers = self.protocol.classifiers(self.train, self.data.num_classes)

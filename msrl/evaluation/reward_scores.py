@@ -32,7 +32,7 @@ def parts_without_masks(reward: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def reward_scores(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor | None, masks: torch.Tensor | None,
-                  batch_size: int, device: torch.device, what: str = "these volumes") -> dict[str, torch.Tensor]:
+                  batch_size: int, device: torch.device, what: str = "this source") -> dict[str, torch.Tensor]:
     """Raw reward scores ({component: [N]} and "total", on the CPU) of volumes [N, C, S, S, S], scored in batches.
 
     Args:
@@ -42,12 +42,12 @@ def reward_scores(reward: nn.Module, volumes: torch.Tensor, labels: torch.Tensor
         masks: the lesion masks [N, 1, S, S, S] they were drawn from or are judged against (None: none).
         batch_size: volumes per forward pass.
         device: where the reward runs.
-        what: the volumes' name in the note logged when parts are skipped for want of masks.
+        what: whose volumes these are, for the note logged when parts are skipped for want of masks.
     """
     needing = mask_reading_parts(reward)
     parts = None if masks is not None or not needing else parts_without_masks(reward)
     if parts is not None:
-        log.warning("%s carry no lesion masks: reward parts %s, which read them, are not scored%s", what,
+        log.warning("the volumes of %s carry no lesion masks: reward parts %s, which read them, are not scored%s", what,
                     ", ".join(needing), "" if not parts else
                     f" (only {', '.join(name for name, _ in parts)}, without the weighted total)")
         if not parts:
