@@ -16,7 +16,7 @@ CKPT ?=
 SAMPLES ?= 8
 OUT ?= samples
 
-.PHONY: install demo study test test-full pretrain sample tensorboard lint bench clean
+.PHONY: install demo demo-mask study test test-full pretrain sample tensorboard lint bench clean
 
 install: $(STAMP)  ## create .venv and install msrl (idempotent)
 
@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml
 
 demo: install  ## embedded data → VQ-GAN → latent pretrain → rewards → PPO → samples → evaluate → report
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+demo-mask: install  ## embedded data → VQ-GAN → latent pretrain → ControlNet on lesion masks → volumes with labels → segmentation utility, mask fidelity
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_mask.sh
 
 study: install  ## the CPU-sized study (4 reward arms x 3 seeds, paired evaluations) -> study_out/results.md (< 60 min)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/study.sh
@@ -61,4 +64,4 @@ bench: install  ## A/B ratio benchmarks against plain PyTorch/MONAI and the memo
 		$(BIN)/python -m benchmarks $(if $(filter 1 yes true,$(GPU)),--gpu)
 
 clean:
-	rm -rf $(VENV) data/cache runs samples demo_out study_out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) data/cache runs samples demo_out demo_mask_out study_out .pytest_cache .ruff_cache *.egg-info

@@ -6,6 +6,7 @@
 # "$OUT/evaluate.yaml" pointing at them.
 # A stage whose checkpoint exists is kept.
 # Needs from the caller: OUT, stage() and need(), STAGES (the caller's stage count), EVALUATE_CONFIG.
+# train_models runs both halves: train_generator (stages 1–2) and train_judges (stages 3–4).
 progress=(--trainer.enable_progress_bar "${DEMO_PROGRESS:-true}")
 # every stage reads one cohort at 64³: 160 subjects, 64 train / 32 val / 64 test (configs/*/template*.yaml);
 # the reward networks' data (configs/data/template.yaml) is set to it here
@@ -25,6 +26,12 @@ classifier="$OUT/runs/classifier/version_0/checkpoints/last.ckpt"
 runs=(--trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.version 0)
 
 train_models() {
+  train_generator
+  train_judges
+}
+
+# stages 1–2: the first stage and the latent diffusion model (scripts/demo_mask.sh needs only these)
+train_generator() {
   stage "1/$STAGES train the 3D VQ-GAN first stage (64³ → 8×16³ latents; the first stage builds the cohort)"
   # two workers build the cohort (160 subjects, ~1 s each) in parallel; later stages read its cache
   [ -f "$autoencoder" ] || msrl train-autoencoder -c configs/autoencoder/template.yaml \
@@ -37,7 +44,10 @@ train_models() {
   [ -f "$pretrained" ] || msrl pretrain -c configs/pretrain/template_latent.yaml \
     --model.autoencoder_checkpoint "$autoencoder" --trainer.max_epochs 120 "${progress[@]}" "${runs[@]}"
   need "$pretrained" "pretraining"
+}
 
+# stages 3–4: the evaluation's in-domain encoder and the reward networks, and the configs that point at them
+train_judges() {
   stage "3/$STAGES train the in-domain feature encoder of the evaluation (self-supervised, no labels, no reward weights)"
   [ -f "$extractor" ] || msrl train-extractor -c configs/extractor/template.yaml "${progress[@]}" "${runs[@]}"
   need "$extractor" "train-extractor"

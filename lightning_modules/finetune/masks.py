@@ -106,7 +106,7 @@ class MaskConditioning:
         if empty:
             raise ValueError(f"mask_data's training split holds no volume of class {empty}: no mask to draw for it")
         self._masks = masks
-        self.mask_record = {"controlnet_checkpoint": str(controlnet_checkpoint),
+        self.mask_record = {"controlnet_checkpoint": str(Path(controlnet_checkpoint).resolve()),  # any working dir
                             "controlnet_sha256": sha256_of(controlnet_checkpoint), "controlnet": record,
                             "mask_data": mask_data_config, "pool_sha256": pool_digest(masks, classes),
                             "pool_size": len(classes)}

@@ -33,8 +33,15 @@ from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.evaluation.extractors import file_digest
 from msrl.evaluation.segmentation import MaskedVolumes
 from msrl.evaluation.utility import LabelledVolumes
-from msrl.samples import draw_volumes, load_checkpoint, read_samples
-from msrl.samples.from_masks import MaskFinetuned, controlnet_record, load_mask_generator, recorded_controlnet
+from msrl.samples import (
+    MaskFinetuned,
+    controlnet_record,
+    draw_volumes,
+    load_checkpoint,
+    load_mask_generator,
+    read_samples,
+    recorded_controlnet,
+)
 
 SYNTHETIC_PAIRS_SEED = 100_000  # training-mask draw k is seeded seed + 100 000 + 10 000·k (no evaluation draw's noise)
 

@@ -25,10 +25,12 @@ from msrl.commands.parsing import command_parser
 from msrl.samples import (
     check_label,
     check_split_masks,
+    controlnet_record,
     draw_batches,
     draw_volumes,
     generator_kind,
     load_checkpoint,
+    load_mask_generator,
     mask_paths,
     mask_rules,
     plan_draws,
@@ -37,7 +39,6 @@ from msrl.samples import (
     write_samples,
     write_split_masks,
 )
-from msrl.samples.from_masks import controlnet_record, load_mask_generator
 
 CONTROLNET_NEEDS_MASKS = ("is a ControlNet (msrl train-controlnet): it draws volumes for lesion masks; pass --mask "
                           "seg.nii.gz (a file or a folder, repeatable) or --masks-from-split test --data CONFIG "

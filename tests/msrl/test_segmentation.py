@@ -23,7 +23,7 @@ from msrl.evaluation.segmentation import (
 )
 
 SIZE = 32  # volumes 32³, the segmenter sees them average-pooled to 16³
-FAST = dict(steps=40, batch_size=4, lr=1e-2, seeds=(0,))
+FAST = dict(blocks_down=(1, 2, 2), steps=40, batch_size=4, lr=1e-2, seeds=(0,))  # three scales: 16³ blobs
 INTENSITY = {0: -0.8, 1: 0.1, 2: 0.8}  # background, a dark lesion (label 1), a bright one (label 2)
 
 
@@ -103,8 +103,8 @@ def test_mask_values_that_are_not_labels_are_refused() -> None:
         dice_per_volume(_masks((255, slice(0, 1))), _masks())
     indices = class_indices(_masks((1, slice(0, 1)), (2, slice(1, 2)), (4, slice(2, 3))))
     assert indices[0, 0, :4, 0, 0].tolist() == [1, 2, 3, 0]
-    with pytest.raises(ValueError, match="multiples of 8"):
-        Segmenter(1)(torch.zeros(1, 1, 10, 10, 10))
+    with pytest.raises(ValueError, match="multiples of 16"):  # pooled by 2, then halved three times
+        Segmenter(1)(torch.zeros(1, 1, 24, 24, 24))
     with pytest.raises(ValueError, match="masks"):
         MaskedVolumes(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 4, 4, 4))
 
