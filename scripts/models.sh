@@ -7,6 +7,7 @@
 # A stage whose checkpoint exists is kept.
 # Needs from the caller: OUT, stage() and need(), STAGES (the caller's stage count), EVALUATE_CONFIG.
 # train_models runs both halves: train_generator (stages 1–2) and train_judges (stages 3–4).
+# AUTOENCODER_EPOCHS (64, the config's) and PRETRAIN_EPOCHS (120) shorten stages 1–2 (scripts/demo_mask.sh).
 progress=(--trainer.enable_progress_bar "${DEMO_PROGRESS:-true}")
 # every stage reads one cohort at 64³: 160 subjects, 64 train / 32 val / 64 test (configs/*/template*.yaml);
 # the reward networks' data (configs/data/template.yaml) is set to it here
@@ -35,14 +36,16 @@ train_generator() {
   stage "1/$STAGES train the 3D VQ-GAN first stage (64³ → 8×16³ latents; the first stage builds the cohort)"
   # two workers build the cohort (160 subjects, ~1 s each) in parallel; later stages read its cache
   [ -f "$autoencoder" ] || msrl train-autoencoder -c configs/autoencoder/template.yaml \
-    --data.init_args.num_workers 2 "${progress[@]}" "${runs[@]}"
+    --data.init_args.num_workers 2 --trainer.max_epochs "${AUTOENCODER_EPOCHS:-64}" \
+    --trainer.check_val_every_n_epoch $(( ${AUTOENCODER_EPOCHS:-64} / 2 )) "${progress[@]}" "${runs[@]}"
   need "$autoencoder" "train-autoencoder"
 
   stage "2/$STAGES pretrain a class-conditional latent diffusion model"
   # latent steps are cheap (~0.2 s): 120 epochs of 16 steps (about 6 minutes); the config weighs the lesion's latent
   # cells 1 + 3 in the loss, without which no sample draws a lesion (val split, docs/design.md §2a)
   [ -f "$pretrained" ] || msrl pretrain -c configs/pretrain/template_latent.yaml \
-    --model.autoencoder_checkpoint "$autoencoder" --trainer.max_epochs 120 "${progress[@]}" "${runs[@]}"
+    --model.autoencoder_checkpoint "$autoencoder" --trainer.max_epochs "${PRETRAIN_EPOCHS:-120}" \
+    "${progress[@]}" "${runs[@]}"
   need "$pretrained" "pretraining"
 }
 

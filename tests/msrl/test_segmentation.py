@@ -177,3 +177,14 @@ def test_mask_fidelity_pairs_two_sources_drawn_from_the_same_masks() -> None:
     other_masks = mask_fidelity_records(judges, _blobs(6, seed=3, empty=1), seeds, num_train=16)
     with pytest.raises(ValueError, match="same masks"):
         paired_records(other_masks, good, num_resamples=10, seed=0)
+
+
+def test_segmenters_trained_in_worker_processes_equal_those_trained_in_one() -> None:
+    data = _blobs(8, seed=0)
+    protocol = SegmentationProtocol(**{**FAST, "steps": 3, "seeds": (0, 1)})
+    alone = protocol.segmenters(data)
+    side_by_side = SegmentationProtocol(**{**FAST, "steps": 3, "seeds": (0, 1), "workers": 2}).segmenters(data)
+    for one, other in zip(alone, side_by_side, strict=True):
+        for (name, weight), (_, twin) in zip(one.state_dict().items(), other.state_dict().items(), strict=True):
+            torch.testing.assert_close(weight, twin, rtol=0, atol=1e-5, msg=name)
+    assert not torch.equal(alone[0].network.convInit.conv.weight, alone[1].network.convInit.conv.weight)
