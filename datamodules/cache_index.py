@@ -14,7 +14,6 @@ checked by loading each one fully (a truncated or garbled file fails to load), a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.atomic import atomic_write_text
+from datamodules.digest import sha256_of
 from datamodules.problems import Problem
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,6 @@ class DamagedCacheError(RuntimeError):
     """A cache file that cannot be read; the message names the file and the subject."""
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def first_sentence(exc: BaseException) -> str:
     """An error's first sentence (PyTorch's zip errors go on to call a damaged cache file a checkpoint)."""
     text = str(exc).strip()
@@ -71,7 +65,7 @@ class CacheEntry:
     @classmethod
     def written(cls, path: Path) -> CacheEntry:
         """The entry of a file as it is now on disk (just written, or just checked by loading)."""
-        return cls(path, path.stat().st_size, sha256(path))
+        return cls(path, path.stat().st_size, sha256_of(path))
 
     @classmethod
     def from_row(cls, folder: Path, row: dict[str, Any]) -> CacheEntry:
@@ -169,7 +163,7 @@ class CacheVerifier:
                 return f"is unreadable ({first_sentence(exc.__context__ or exc)})"
         elif stat.st_size != entry.size:
             return f"has {stat.st_size} bytes, the index records {entry.size}"
-        elif verify == "checksum" and sha256(entry.path) != entry.sha256:
+        elif verify == "checksum" and sha256_of(entry.path) != entry.sha256:
             return "differs from the SHA-256 the index records"
         self._passed[entry.path] = (stat.st_size, stat.st_mtime_ns, verify if entry.recorded else "checksum")
         return None

@@ -14,7 +14,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from lightning_modules.diffusion.latent import sha256_of
+from datamodules.digest import sha256_of
 from lightning_modules.finetune.reward import reward_networks
 
 __all__ = ["check_network_files", "check_reward_networks", "reward_from_checkpoint", "reward_from_config",

@@ -22,9 +22,9 @@ from monai.networks.utils import copy_model_state
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from datamodules.digest import sha256_of
 from lightning_modules.checkpoint_io import load_weights, rebuild_module, resume_random_states, save_random_states
 from lightning_modules.controlnet.masks import MASK_LABELS, check_mask_labels, label_channels, mask_channels, pool_to
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.diffusion.nonfinite import skip_nonfinite_loss
 from lightning_modules.diffusion.optim import warmup_cosine_schedule

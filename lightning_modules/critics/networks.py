@@ -18,8 +18,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
+from datamodules.digest import sha256_of
 from lightning_modules.checkpoint_io import load_weights, rebuild_module, resume_random_states, save_random_states
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.slices import SliceSampler, flatten_slices
 
 

@@ -8,23 +8,14 @@ SHA-256, and loading fails with a message naming the file when it is missing or 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
+from datamodules.digest import sha256_of
 from lightning_modules.first_stage.tiling import Blend, TiledDecoding
 
 TRAIN_HOW_TO = "train one with `msrl train-autoencoder -c configs/autoencoder/template.yaml`"
-
-
-def sha256_of(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (identifies the exact autoencoder a latent model was trained with)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LatentSpace:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.diffusion.latent import sha256_of
+from datamodules.digest import sha256_of
 
 # The ResNet blocks' 3×3×3 convolutions and the attention projections of a MONAI DiffusionModelUNet.
 DEFAULT_TARGETS = ("conv1.conv", "conv2.conv", "to_q", "to_k", "to_v", "out_proj")

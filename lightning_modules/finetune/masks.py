@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from datamodules.base import VolumeDataModule
+from datamodules.digest import sha256_of
 from lightning_modules.controlnet.module import ControlNetModule
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.finetune.reward import mask_reading_parts
 
 log = logging.getLogger(__name__)

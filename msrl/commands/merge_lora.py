@@ -12,8 +12,8 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from datamodules.atomic import atomic_save
+from datamodules.digest import sha256_of
 from lightning_modules.checkpoint_io import load_weights
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.diffusion.lora import LORA_KEY
 from lightning_modules.diffusion.module import DiffusionModule
 from msrl.commands.parsing import command_parser

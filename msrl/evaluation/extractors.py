@@ -21,8 +21,8 @@ from monai.networks.nets import ResNet, resnet10, resnet18, resnet34, resnet50
 from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from torch import nn
 
+from datamodules.digest import sha256_of
 from lightning_modules.checkpoint_io import load_weights
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.slices import PLANES, plane_slices
 
 log = logging.getLogger(__name__)

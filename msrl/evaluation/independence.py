@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_modules.diffusion.latent import sha256_of
+from datamodules.digest import sha256_of
 from msrl.evaluation.heldout_guard import refuse_shared_networks
 
 WEIGHT_FILE_ATTRIBUTES = ("weights_path", "checkpoint_path")  # where extractors keep the file they loaded

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import msrl.samples.mask_files as mask_files
+from datamodules.digest import sha256_of
 from lightning_modules import ControlNetModule, load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY
-from lightning_modules.diffusion.latent import sha256_of
 from msrl.export.configs import (
     AUTOENCODER_FILE,
     CONTROLNET_FILE,

@@ -19,9 +19,9 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from datamodules.base import VolumeDataModule
+from datamodules.digest import sha256_of
 from datamodules.splits import stratified_split
 from lightning_modules import DiffusionModule
-from lightning_modules.diffusion.latent import sha256_of
 
 PRETRAIN_KEYS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "cfg_dropout", "channels",
                  "attention_levels", "num_res_blocks", "seed")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from datamodules.atomic import atomic_folder
-from lightning_modules.diffusion.latent import sha256_of
+from datamodules.digest import sha256_of
 from msrl.export.card import metadata, readme
 
 SAMPLER_SCRIPT = Path(__file__).with_name("sampler_script.py")

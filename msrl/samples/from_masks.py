@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from datamodules.base import VolumeDataModule
+from datamodules.digest import sha256_of
 from lightning_modules import ControlNetModule, DiffusionModule, load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.samples.folder import load_checkpoint
 from msrl.samples.mask_files import (

@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
+from datamodules.digest import sha256_of
 from lightning_modules.controlnet import ControlNetModule, label_channels, mask_channels, pool_to
 from lightning_modules.controlnet.module import CONTROLNET_KEY, copy_base_weights
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.diffusion.module import DiffusionModule
 from msrl.cli import main
 from tests.conftest import MSRL, REPO, cli_data_args, subprocess_env

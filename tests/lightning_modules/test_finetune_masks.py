@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from datamodules import TemplateCohortDataModule
+from datamodules.digest import sha256_of
 from lightning_modules.backprop.module import RewardBackpropModule
 from lightning_modules.controlnet import ControlNetModule
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.finetune.masks import MASKS_KEY
 from lightning_modules.ppo.module import PPOFinetuneModule
 from rewards import InterSliceContinuityReward, MaskFidelityReward

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from datamodules import TemplateCohortDataModule
+from datamodules.digest import sha256_of
 from lightning_modules.critics.networks import RealismCriticModule
-from lightning_modules.diffusion.latent import sha256_of
 from lightning_modules.ppo.module import PPOFinetuneModule
 from msrl.evaluation import MedicalNetExtractor
 from msrl.evaluation.heldout_guard import HeldoutFIDGuard

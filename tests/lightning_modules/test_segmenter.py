@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from datamodules.digest import sha256_of
 from lightning_modules.critics import SegmenterModule, one_hot_masks
-from lightning_modules.diffusion.latent import sha256_of
 from msrl.cli import main
 from tests.conftest import REPO, cli_data_args
 

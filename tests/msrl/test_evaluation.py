@@ -253,7 +253,7 @@ def test_evaluate_pairs_checkpoints_at_both_samplers_and_scores_the_trained_rewa
 
 
 def test_evaluate_refuses_an_extractor_that_loads_a_reward_network(tmp_path: Path) -> None:
-    from lightning_modules.diffusion.latent import sha256_of
+    from datamodules.digest import sha256_of
     from msrl.evaluation.independence import refuse_shared_weights
 
     torch.save({"weights": torch.zeros(3)}, tmp_path / "critic.ckpt")

@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 
+from datamodules.digest import sha256_of
 from lightning_modules.critics import SegmenterModule, one_hot_masks, soft_dice
-from lightning_modules.diffusion.latent import sha256_of
 from msrl.evaluation.segmentation import dice_per_volume
 from rewards import (
     InterSliceContinuityReward,
