@@ -15,7 +15,7 @@ from jsonargparse import ArgumentParser
 from torch import nn
 
 from datamodules.digest import sha256_of
-from lightning_modules.finetune.reward import reward_networks
+from lightning_modules.finetune.reward import REWARD_KEY, reward_networks
 
 __all__ = ["check_network_files", "check_reward_networks", "reward_from_checkpoint", "reward_from_config",
            "reward_networks"]
@@ -51,7 +51,7 @@ def reward_from_config(config: dict[str, Any], networks: list[dict[str, str]] | 
 
 def reward_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> nn.Module:
     """The reward a fine-tuned checkpoint (loaded dict) was trained against, its networks checked."""
-    record = checkpoint.get("msrl_reward")
+    record = checkpoint.get(REWARD_KEY)
     if record is None:
         raise ValueError(f"{path} records no reward (`msrl_reward`): it is not a fine-tuned checkpoint, or was "
                          "written before msrl recorded rewards; pass the reward's config instead")

@@ -175,13 +175,14 @@ def merge_adapters(unet: nn.Module) -> nn.Module:
 
 
 def load_lora_model(model_class: type[nn.Module], path: str | Path, checkpoint: dict[str, Any],
-                    map_location: str | torch.device = "cpu") -> nn.Module:
+                    spec: dict[str, Any], map_location: str | torch.device = "cpu") -> nn.Module:
     """The plain diffusion model of a LoRA checkpoint: its base checkpoint with the adapters merged in.
 
+    `spec` is the checkpoint's diffusion record (`DiffusionModule.diffusion_spec`, with the weights' prefix).
     The raw adapters merge into `unet`, the averaged ones into `ema.module`, as a full fine-tune's
     checkpoint holds raw and EMA weights.
     """
-    record, spec = checkpoint[LORA_KEY], checkpoint["msrl_diffusion"]
+    record = checkpoint[LORA_KEY]
     base = check_base(record, path)
     model = model_class.from_msrl_checkpoint(base, map_location)
     if record["base_weights"] == "ema":

@@ -28,6 +28,8 @@ from lightning_modules.visualize import slice_grid
 
 log = logging.getLogger(__name__)
 
+DIFFUSION_KEY = "msrl_diffusion"  # where a checkpoint records what rebuilds its model: hparams, schedule, prefix
+
 
 class DiffusionModule(L.LightningModule):
     """Pretrains a 3D noise predictor (docs/design.md §2): DDPM loss, EMA weights, DDIM previews.
@@ -292,12 +294,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write `diffusion_spec()` (so `msrl sample` and PPO can rebuild the model) and RNG states."""
-        checkpoint["msrl_diffusion"] = self.diffusion_spec()
+        checkpoint[DIFFUSION_KEY] = self.diffusion_spec()
         save_random_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the noise schedule, and the RNG states so a resumed run draws what it would have."""
-        spec = checkpoint.get("msrl_diffusion", {}).get("noise_schedule")
+        spec = checkpoint.get(DIFFUSION_KEY, {}).get("noise_schedule")
         if spec is not None:
             self.noise_scheduler = schedule_from_betas(spec["betas"], spec["prediction_type"])
         resume_random_states(checkpoint)
@@ -310,11 +312,11 @@ class DiffusionModule(L.LightningModule):
         missing or changed) and the adapters are merged in, so the model returned is a plain one.
         """
         checkpoint = load_weights(path, map_location)
-        spec = checkpoint.get("msrl_diffusion") if isinstance(checkpoint, dict) else None
+        spec = checkpoint.get(DIFFUSION_KEY) if isinstance(checkpoint, dict) else None
         if spec is None:
             raise ValueError(f"checkpoint {path} was not written by msrl pretrain or finetune (no msrl_diffusion)")
         if LORA_KEY in checkpoint:
-            return load_lora_model(cls, path, checkpoint, map_location)
+            return load_lora_model(cls, path, checkpoint, spec, map_location)
         schedule = schedule_from_betas(spec["noise_schedule"]["betas"], spec["noise_schedule"]["prediction_type"])
         model = rebuild_module(cls, {**spec["hparams"], "noise_scheduler": schedule}, checkpoint["state_dict"],
                                prefix=spec["prefix"])

@@ -47,15 +47,16 @@ from lightning_modules.diffusion.lora import (
     drop_base_weights,
     lora_record,
 )
-from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.diffusion.module import DIFFUSION_KEY, DiffusionModule
 from lightning_modules.diffusion.sampling import Reduction, Trajectory, gaussian_noise, guided_prediction, sample
 from lightning_modules.finetune.labels import balanced_labels
 from lightning_modules.finetune.masks import MaskConditioning
-from lightning_modules.finetune.reward import RAW_TOTAL, raw_total_of, reward_networks, score_components
+from lightning_modules.finetune.reward import RAW_TOTAL, REWARD_KEY, raw_total_of, reward_networks, score_components
 from lightning_modules.lightning_internals import cli_model_arguments
 from lightning_modules.visualize import slice_grid
 
 BASE_PREFIXES = ("policy.unet.", "policy.ema.module.")  # where a LoRA run's frozen base weights sit
+ROLLOUT_KEY = "msrl_rollout"  # the checkpoint's record of the sampler that was trained
 FINETUNE_KEY = "msrl_finetune"  # the checkpoint's record of the algorithm and its settings
 # callable(x, t, labels) → prediction; called with `condition=` (the ControlNet's input) in mask-conditioned runs
 Denoiser = Callable[..., torch.Tensor]
@@ -147,10 +148,10 @@ class FinetuneBase(MaskConditioning, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint readable by `msrl sample` like a pretraining one; record sampler, reward, algorithm."""
         hp = self.hparams
-        checkpoint["msrl_diffusion"] = self.policy.diffusion_spec(prefix="policy.")
-        checkpoint["msrl_rollout"] = {"num_steps": int(hp.num_steps), "eta": float(hp.eta),
+        checkpoint[DIFFUSION_KEY] = self.policy.diffusion_spec(prefix="policy.")
+        checkpoint[ROLLOUT_KEY] = {"num_steps": int(hp.num_steps), "eta": float(hp.eta),
                                       "guidance_scale": float(hp.guidance_scale)}
-        checkpoint["msrl_reward"] = {"config": copy.deepcopy(self.reward_config),
+        checkpoint[REWARD_KEY] = {"config": copy.deepcopy(self.reward_config),
                                      "networks": reward_networks(self.reward)}
         checkpoint[FINETUNE_KEY] = {"algorithm": self.algorithm, "class_path": public_class_path(type(self)),
                                     "settings": {key: value for key, value in hp.items()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+REWARD_KEY = "msrl_reward"  # where a fine-tuned checkpoint records its reward's config and networks
 RAW_TOTAL = "total"  # key of the weighted raw sum among raw scores (<prefix>/reward_raw/total)
 
 

@@ -40,6 +40,8 @@ from lightning_modules.first_stage.losses import (
 from lightning_modules.first_stage.settings import FirstStageTraining, training_arguments
 from lightning_modules.visualize import slice_grid
 
+AUTOENCODER_KEY = "msrl_autoencoder"  # where a first stage's checkpoint records what rebuilds it
+
 
 class FirstStageModule(L.LightningModule, ABC):
     """The shared training, validation and checkpointing of a 3D autoencoder for latent diffusion.
@@ -241,7 +243,7 @@ class FirstStageModule(L.LightningModule, ABC):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write `autoencoder_spec()` under `msrl_autoencoder`, and the RNG states (crops replay on resume)."""
-        checkpoint["msrl_autoencoder"] = self.autoencoder_spec()
+        checkpoint[AUTOENCODER_KEY] = self.autoencoder_spec()
         save_random_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -263,7 +265,7 @@ class FirstStageModule(L.LightningModule, ABC):
         if not path.is_file():
             raise ValueError(f"autoencoder checkpoint {path} does not exist (msrl train-autoencoder writes one)")
         checkpoint = load_weights(path, map_location)
-        spec = checkpoint.get("msrl_autoencoder") if isinstance(checkpoint, dict) else None
+        spec = checkpoint.get(AUTOENCODER_KEY) if isinstance(checkpoint, dict) else None
         if not isinstance(spec, dict):
             raise ValueError(f"checkpoint {path} is not an msrl autoencoder checkpoint (no msrl_autoencoder "
                              "entry; msrl train-autoencoder writes one)")

@@ -19,6 +19,7 @@ from jsonargparse import Namespace
 from torch import nn
 
 from datamodules.base import VolumeDataModule
+from lightning_modules.finetune import REWARD_KEY
 from msrl.commands.evaluate_masks import SegmentationJudge, build_heldout, segmentation_wanted
 from msrl.commands.evaluate_sources import (
     Heldout,
@@ -96,7 +97,7 @@ class EvaluationRun:
             config = yaml.safe_load(Path(self.config.reward).read_text())
             return reward_from_config(config).to(self.device).eval(), {"from": str(self.config.reward)}
         for path, info in self.metadata.items():
-            recorded = info.get("msrl_reward") or {}
+            recorded = info.get(REWARD_KEY) or {}
             if recorded.get("config"):
                 reward = reward_from_config(recorded["config"], recorded.get("networks", [])).to(self.device)
                 return reward, {"from": path, "networks": recorded.get("networks", [])}

@@ -29,6 +29,7 @@ from lightning_modules.checkpoint_io import load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY, ControlNetModule
 from lightning_modules.controlnet.module import check_base
 from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.finetune import REWARD_KEY, ROLLOUT_KEY
 from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.evaluation.extractors import file_digest
 from msrl.evaluation.segmentation import MaskedVolumes
@@ -132,7 +133,7 @@ def assign_masks(labels: torch.Tensor | None, heldout_labels: torch.Tensor, num_
 def checkpoint_metadata(path: str) -> dict[str, Any]:
     """`msrl_rollout`, `msrl_reward`, `msrl_controlnet` and `msrl_masks` of a checkpoint (none: a pretrained one)."""
     checkpoint = load_weights(path)
-    return {key: checkpoint[key] for key in ("msrl_rollout", "msrl_reward", CONTROLNET_KEY, MASKS_KEY)
+    return {key: checkpoint[key] for key in (ROLLOUT_KEY, REWARD_KEY, CONTROLNET_KEY, MASKS_KEY)
             if key in checkpoint}
 
 
@@ -182,7 +183,7 @@ def draw(model: Generator, count: int, labels: torch.Tensor | None, masks: torch
 
 def rollout_sampler(metadata: dict[str, Any]) -> Sampler | None:
     """The sampler a fine-tuned checkpoint was trained with (None for a pretraining checkpoint)."""
-    rollout = metadata.get("msrl_rollout")
+    rollout = metadata.get(ROLLOUT_KEY)
     if not rollout:
         return None
     return Sampler(int(rollout["num_steps"]), float(rollout["eta"]), float(rollout.get("guidance_scale", 1.0)))

@@ -15,10 +15,11 @@ from datamodules.atomic import atomic_save
 from datamodules.digest import sha256_of
 from lightning_modules.checkpoint_io import load_weights
 from lightning_modules.diffusion.lora import LORA_KEY
-from lightning_modules.diffusion.module import DiffusionModule
+from lightning_modules.diffusion.module import DIFFUSION_KEY, DiffusionModule
+from lightning_modules.finetune import REWARD_KEY, ROLLOUT_KEY
 from msrl.commands.parsing import command_parser
 
-KEPT = ("msrl_rollout", "msrl_reward")  # what evaluation reads from a fine-tuned checkpoint besides the weights
+KEPT = (ROLLOUT_KEY, REWARD_KEY)  # what evaluation reads from a fine-tuned checkpoint besides the weights
 
 
 def build_parser() -> ArgumentParser:
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> None:
     if not isinstance(checkpoint, dict) or LORA_KEY not in checkpoint:
         raise ValueError(f"{source} holds no LoRA adapters (no {LORA_KEY}): it is a plain checkpoint already")
     model = DiffusionModule.from_msrl_checkpoint(source)
-    merged = {"msrl_diffusion": model.diffusion_spec(), "state_dict": model.state_dict(),
+    merged = {DIFFUSION_KEY: model.diffusion_spec(), "state_dict": model.state_dict(),
               "msrl_merged_from": {**checkpoint[LORA_KEY], "checkpoint": str(source.resolve()),
                                    "sha256": sha256_of(source)}}
     merged.update({key: checkpoint[key] for key in KEPT if key in checkpoint})

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from datamodules.digest import sha256_of
+from lightning_modules.finetune import REWARD_KEY
 from msrl.evaluation.heldout_guard import refuse_shared_networks
 
 WEIGHT_FILE_ATTRIBUTES = ("weights_path", "checkpoint_path")  # where extractors keep the file they loaded
@@ -24,7 +25,7 @@ def recorded_networks(metadata: dict[str, dict[str, Any]]) -> list[dict[str, Any
     """Every reward network file recorded by the fine-tuned checkpoints: [{component, path, sha256, checkpoint}]."""
     networks = []
     for checkpoint, info in metadata.items():
-        for network in (info.get("msrl_reward") or {}).get("networks", []):
+        for network in (info.get(REWARD_KEY) or {}).get("networks", []):
             networks.append({**network, "checkpoint": checkpoint})
     return networks
 

@@ -12,6 +12,9 @@ from typing import Any
 
 from lightning_modules import DiffusionModule, load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY
+from lightning_modules.diffusion import DIFFUSION_KEY
+from lightning_modules.diffusion.lora import LORA_KEY  # a LoRA checkpoint: adapters + its base, merged on loading
+from lightning_modules.first_stage import AUTOENCODER_KEY
 from msrl.export.configs import (
     AUTOENCODER_FILE,
     SCHEDULE_FILE,
@@ -26,7 +29,6 @@ from msrl.export.controlnet import controlnet_contents
 from msrl.export.provenance import provenance
 from msrl.export.writer import BundleContents, plain_state, write_bundle
 
-LORA_KEY = "msrl_lora"  # a LoRA PPO checkpoint: adapters + its base checkpoint, merged on loading
 CLASS_DEFAULTS = ("num_samples", "classes", "num_inference_steps", "eta", "guidance_scale", "seed", "batch_size")
 
 
@@ -41,8 +43,8 @@ def read_generator(path: str | Path, checkpoint: dict[str, Any] | None = None
     checkpoint = load_weights(path) if checkpoint is None else checkpoint
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not an msrl checkpoint")
-    if "msrl_diffusion" not in checkpoint:
-        if "msrl_autoencoder" in checkpoint:
+    if DIFFUSION_KEY not in checkpoint:
+        if AUTOENCODER_KEY in checkpoint:
             raise ValueError(f"checkpoint {path} is a first stage (msrl train-autoencoder), not a generator: export "
                              "the latent diffusion model trained on it (its msrl pretrain or finetune checkpoint)")
         raise ValueError(f"checkpoint {path} was not written by msrl pretrain or msrl finetune (no msrl_diffusion "

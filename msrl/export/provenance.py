@@ -22,6 +22,8 @@ from datamodules.base import VolumeDataModule
 from datamodules.digest import sha256_of
 from datamodules.splits import stratified_split
 from lightning_modules import DiffusionModule
+from lightning_modules.diffusion.lora import LORA_KEY
+from lightning_modules.finetune import FINETUNE_KEY, REWARD_KEY, ROLLOUT_KEY
 
 PRETRAIN_KEYS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "cfg_dropout", "channels",
                  "attention_levels", "num_res_blocks", "seed")
@@ -105,7 +107,7 @@ def training_data(checkpoint_path: Path, checkpoint: dict[str, Any], data_config
         return data_summary(data_module(loaded, data_config), data_config)
     path = checkpoint_path
     init = (checkpoint.get("hyper_parameters") or {}).get("init_checkpoint")
-    if "msrl_rollout" in checkpoint and init:  # fine-tuned: the data is the pretraining run's
+    if ROLLOUT_KEY in checkpoint and init:  # fine-tuned: the data is the pretraining run's
         path = Path(init)
     config = run_config(path)
     if not config or not isinstance(config.get("data"), dict):
@@ -145,8 +147,8 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
                data_config: str | None) -> dict[str, Any]:
     """Everything the model card states about a generator checkpoint, as plain data."""
     hparams = plain(dict(model.hparams))
-    finetuned = "msrl_rollout" in checkpoint
-    record = checkpoint.get("msrl_finetune") or LEGACY_FINETUNE
+    finetuned = ROLLOUT_KEY in checkpoint
+    record = checkpoint.get(FINETUNE_KEY) or LEGACY_FINETUNE
     info: dict[str, Any] = {
         "checkpoint": {"path": str(checkpoint_path), "sha256": sha256_of(checkpoint_path),
                        "kind": f"{record['algorithm']} fine-tuned" if finetuned else "pretrained",
@@ -172,9 +174,9 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
         init = (checkpoint.get("hyper_parameters") or {}).get("init_checkpoint")
         info["finetuning"] = {"algorithm": record["algorithm"], "class_path": record["class_path"],
                        "init_checkpoint": init, "settings": finetune_settings(checkpoint),
-                       "lora": plain(checkpoint.get("msrl_lora")),
-                       "rollout_sampler": plain(checkpoint["msrl_rollout"]),
-                       "reward": reward_summary(checkpoint.get("msrl_reward"))}
+                       "lora": plain(checkpoint.get(LORA_KEY)),
+                       "rollout_sampler": plain(checkpoint[ROLLOUT_KEY]),
+                       "reward": reward_summary(checkpoint.get(REWARD_KEY))}
         info["pretraining"]["checkpoint"] = init  # the policy's architecture and pretraining settings are its
         if init and Path(init).is_file():
             info["pretraining"]["checkpoint_sha256"] = sha256_of(init)
@@ -184,7 +186,7 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
 def finetune_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuning module's settings: as `msrl_finetune` records them, else (older PPO checkpoints) its
     hyper-parameters; the pretrained checkpoint is stated apart."""
-    record = checkpoint.get("msrl_finetune")
+    record = checkpoint.get(FINETUNE_KEY)
     settings = record["settings"] if record else checkpoint.get("hyper_parameters") or {}
     return plain({key: value for key, value in settings.items()
                   if not str(key).startswith("_") and key != "init_checkpoint"})

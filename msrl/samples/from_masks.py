@@ -28,6 +28,7 @@ from datamodules.base import VolumeDataModule
 from datamodules.digest import sha256_of
 from lightning_modules import ControlNetModule, DiffusionModule, load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY
+from lightning_modules.diffusion import DIFFUSION_KEY
 from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.samples.folder import load_checkpoint
 from msrl.samples.mask_files import (
@@ -52,7 +53,7 @@ def generator_kind(path: str | Path) -> tuple[GeneratorKind, dict[str, Any]]:
         return "controlnet", checkpoint
     if isinstance(checkpoint, dict) and MASKS_KEY in checkpoint:
         return "mask-finetuned", checkpoint
-    if isinstance(checkpoint, dict) and "msrl_diffusion" in checkpoint:
+    if isinstance(checkpoint, dict) and DIFFUSION_KEY in checkpoint:
         return "diffusion", checkpoint
     raise ValueError(f"checkpoint {path} was written neither by msrl pretrain/finetune (no msrl_diffusion) nor by "
                      f"msrl train-controlnet (no {CONTROLNET_KEY}): it draws no volumes")
