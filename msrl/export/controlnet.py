@@ -27,12 +27,13 @@ from msrl.export.configs import (
     mask_inference_config,
     unet_arguments,
 )
-from msrl.export.provenance import plain, provenance, training_data
+from msrl.export.provenance import module_settings, plain, provenance, training_data
 from msrl.export.writer import SAMPLER_SCRIPT, BundleContents, plain_state
 
 MASK_DEFAULTS = ("num_samples", "label", "num_inference_steps", "eta", "guidance_scale", "seed", "batch_size")
-TRAINING_KEYS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "cfg_dropout",
-                 "lesion_loss_weight", "seed")
+# ControlNetModule arguments `controlnet_summary` states apart from its training settings
+CONTROLNET_STATED_ELSEWHERE = frozenset({"base_checkpoint", "in_channels", "spatial_size", "num_classes",
+                                         "mask_labels", "conditioning", "embedding_channels", "conditioning_scale"})
 
 
 def controlnet_contents(checkpoint_path: Path, checkpoint: dict[str, Any], sampler: Sampler, use_ema: bool,
@@ -74,4 +75,4 @@ def controlnet_summary(module: ControlNetModule, checkpoint: dict[str, Any]) -> 
             "label_channels": plain(record["label_channels"]), "mask_size": int(hparams["spatial_size"]),
             "conditioning": hparams["conditioning"], "conditioning_scale": hparams["conditioning_scale"],
             "embedding_channels": list(module.embedding_channels),
-            "training": {key: hparams.get(key) for key in TRAINING_KEYS}}
+            "training": module_settings(module, CONTROLNET_STATED_ELSEWHERE)}

@@ -25,8 +25,10 @@ from lightning_modules import DiffusionModule
 from lightning_modules.diffusion.lora import LORA_KEY
 from lightning_modules.finetune import FINETUNE_KEY, REWARD_KEY, ROLLOUT_KEY
 
-PRETRAIN_KEYS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "ema_decay", "cfg_dropout", "channels",
-                 "attention_levels", "num_res_blocks", "seed")
+# DiffusionModule arguments the card states in its model and first-stage sections, not among the pretraining settings
+PRETRAIN_STATED_ELSEWHERE = frozenset({"in_channels", "spatial_size", "num_classes", "noise_scheduler",
+                                       "autoencoder_checkpoint", "decode_batch_size", "decode_tile_size",
+                                       "decode_overlap", "decode_blend"})
 LEGACY_FINETUNE = {"algorithm": "PPO", "class_path": "lightning_modules.PPOFinetuneModule"}  # before msrl_finetune
 
 
@@ -39,6 +41,16 @@ def plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def module_settings(module: Any, stated_elsewhere: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every setting a module was built with, from its saved hyper-parameters, less those stated elsewhere.
+
+    `save_hyperparameters` records every `__init__` argument, so a setting added to the class reaches the
+    card without anyone listing it. Keys starting with "_" (LightningCLI's bookkeeping) are left out.
+    """
+    return plain({key: value for key, value in dict(module.hparams).items()
+                  if not str(key).startswith("_") and key not in stated_elsewhere})
 
 
 def msrl_version() -> str:
@@ -158,7 +170,7 @@ def provenance(checkpoint_path: Path, checkpoint: dict[str, Any], model: Diffusi
                   "num_classes": hparams["num_classes"], "sample_shape": list(model.sample_shape),
                   "prediction_type": str(model.noise_scheduler.prediction_type),
                   "num_train_timesteps": int(model.noise_scheduler.num_train_timesteps)},
-        "pretraining": {key: hparams.get(key) for key in PRETRAIN_KEYS},
+        "pretraining": module_settings(model, PRETRAIN_STATED_ELSEWHERE),
         "first_stage": None, "finetuning": None, "data": training_data(checkpoint_path, checkpoint, data_config),
     }
     if model.latent is not None:
