@@ -1,11 +1,10 @@
-"""Import MONAI without the `transformers` BERT import that msrl never uses (~1 s in every process).
+"""Import MONAI without the `transformers` BERT import that msrl never uses (about a second in every process).
 
 `import monai` loads every module of `monai.networks.nets`, and `transchex` among them imports
 `transformers`' BERT model whenever that package is installed. It is installed here: PEFT, which
-msrl's LoRA adapters use (`--model.lora_rank`), requires it. Measured with `python -X importtime` on
-2 CPU cores: ~3 s for `import monai` alone, ~1 s in an msrl process (much of what BERT pulls in is
-imported anyway), in every process that imports MONAI: each `msrl` call, each DDP worker, each
-subprocess of the test suite. (torchmetrics imports `transformers` itself, ~0.6 s; that stays.)
+msrl's LoRA adapters use (`--model.lora_rank`), requires it. The cost is paid in every process that
+imports MONAI: each `msrl` call, each DDP worker, each subprocess of the test suite
+(docs/studies.md#monai-import). torchmetrics imports `transformers` itself; that stays.
 msrl uses no MONAI network that needs `transformers`, so the first import of MONAI in an msrl
 process hides `transformers` and then shows it again: PEFT and any user code import `transformers`
 normally afterwards; only MONAI's `Transchex` (a vision-language network) stays unavailable in that

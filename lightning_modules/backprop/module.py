@@ -13,8 +13,8 @@ holds K steps' inputs instead of their activations.
 The penalty toward the frozen base is the mean squared difference between the fine-tuned and the frozen
 pretrained UNet's predictions at the kept steps' inputs (the raw predictions, before guidance): a cheap
 stand-in for the KL of PPO's `kl_coef`, which for two DDIM Gaussians of equal σ is this difference times a
-per-step constant. Reward hacking of the critics is fast (docs/design.md §8): keep this penalty, a small
-LoRA, and the held-out guard's early stop.
+per-step constant. Reward hacking of the critics is fast (docs/studies.md#choosing-study-4s-settings): keep
+this penalty, a small LoRA, and the held-out guard's early stop.
 
 Policy, rollout, logs (`backprop/reward/*`, `backprop/reward_raw/*`, `backprop/time/*`) and checkpoint records
 are `FinetuneBase`'s, so `msrl sample`, `evaluate`, `export` and `merge-lora` read these checkpoints unchanged.

@@ -56,9 +56,9 @@ def random_flips(volumes: torch.Tensor, generator: torch.Generator | None = None
     """Mirror each volume along each spatial axis with probability ½ (a cheap, label-safe augmentation).
 
     `volumes` is [B, C, D, H, W]; a selected subset keeps that layout, so the flip axis is the spatial
-    axis itself (until 2026-12-07 it was `axis - 1`: the channels, D and H were flipped and W never,
-    which on multi-channel BraTS volumes shuffled the modalities). Every channel of a volume is flipped
-    alike, so an image stacked with its mask stays aligned. `generator`: the draws' (None: torch's global).
+    axis itself, never the channel axis (which would shuffle a BraTS volume's modalities;
+    docs/studies.md#augmentation-flips). Every channel of a volume is flipped alike, so an image stacked
+    with its mask stays aligned. `generator`: the draws' (None: torch's global).
     """
     out = volumes.clone()
     for axis in range(2, volumes.ndim):

@@ -37,8 +37,9 @@ class FirstStageTraining:
         train_crop_size: train on random cubes of this side (a multiple of 2^downsample_levels) instead
             of whole volumes: the networks are convolutional, and a 32³ cube of a 64³ volume costs an
             eighth of its step. None trains on whole volumes; validation always uses them. Cubes
-            oversample the brain (their latents' std was 1.4× the whole volumes' on the template), so
-            with cubes the scale factor comes from the whole validation volumes' latents.
+            oversample the brain, so their latents' std is larger than whole volumes'
+            (docs/studies.md#autoencoder-on-cubes): with cubes the scale factor comes from the whole
+            validation volumes' latents.
         preview_num_samples: validation volumes shown next to their reconstructions in TensorBoard.
         lesion_l1_weight: w > 0 weighs the L1 of the voxels the batch's lesion labels (`seg`) cover by 1 + w
             (a weighted mean): a lesion is a few per cent of a volume, and of a cube less often still, so

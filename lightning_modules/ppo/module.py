@@ -60,20 +60,16 @@ class PPOFinetuneModule(PPOUpdate, FinetuneBase):
         kl_coef: weight of the KL to the frozen pretrained model per step (DPOK); 0: no reference.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        adam_betas: AdamW's (β1, β2). β2 sets how long large gradients keep later steps small. On the demo
-            the large ones are the second micro-batch's pull-back after Adam's first, sign-like step overshot
-            the last stochastic step (t = 53): 5–20× the on-policy gradient, which itself stays constant; with
-            0.999 they held the steps at ~0.06·lr by iteration 9 (approx_kl 6e-4 → 8e-9), 0.9 only delays
-            that (docs/design.md §3).
+        adam_betas: AdamW's (β1, β2). β2 sets how long large gradients keep later steps small: with full
+            fine-tuning, the pull-back gradients that follow Adam's first, sign-like step
+            (docs/studies.md#adams-first-step).
         lr_warmup_iterations: k > 0: the learning rate rises linearly over the first k PPO iterations
-            (lr·i/k in iteration i = 1..k, logged as ppo/lr); 0: `lr` from the start. Adam's first step moves
-            every weight by ~lr whatever its gradient (a sign step): on the demo at lr 3e-4 that step alone raised
-            the held-out FID 0.31 → 0.41; with k = 5 it rose to 0.33 (approx_kl then peaked at 5e-5 and still fell
-            below 1e-8 once lr reached 3e-4).
+            (lr·i/k in iteration i = 1..k, logged as ppo/lr); 0: `lr` from the start. It softens Adam's first
+            step, which moves every weight by ~lr whatever its gradient (docs/studies.md#adams-first-step).
         timestep_weighting: "none": every chosen step's surrogate counts alike, so the last stochastic step,
-            whose log-probability gradient is ~400× the first's, decides the update; "equal": each step's loss
+            whose log-probability gradient is by far the largest, decides the update; "equal": each step's loss
             is weighted by σ_t/|∂μ/∂ε̂| (mean 1), giving every step the same gradient scale
-            (`equal_gradient_weights`).
+            (`equal_gradient_weights`; docs/studies.md#timestep-weighting-and-fraction).
         max_grad_norm: gradient-norm clip.
         ema_decay: EMA of the policy weights (what `msrl sample` uses afterwards).
         iterations_per_epoch: PPO iterations per Lightning epoch (epochs only pace checkpoints).

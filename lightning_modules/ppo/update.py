@@ -27,9 +27,10 @@ def equal_gradient_weights(scheduler: DDIMScheduler, timesteps: Sequence[int], e
     """Per-timestep loss weights that give every step's log-probability the same gradient scale.
 
     ∂ log p(x_{t'} | x_t) / ∂ε̂ = (x_{t'} − μ)/σ_t² · ∂μ/∂ε̂ with x_{t'} − μ = σ_t·z, so a step's gradient
-    scales with |∂μ/∂ε̂| / σ_t: ~400× larger at the last stochastic step (t = 53 in the demo) than at
-    t = 999, which then decides every update alone (docs/design.md §3). The weights are σ_t / |∂μ/∂ε̂|
-    (∂μ/∂ε̂ taken from `ddim_step_mean` itself, so any prediction type), scaled to mean 1 over `timesteps`.
+    scales with |∂μ/∂ε̂| / σ_t: far larger at the last stochastic step (the smallest σ_t) than at t = 999, so
+    unweighted that step decides every update alone (docs/studies.md#timestep-weighting-and-fraction). The
+    weights are σ_t / |∂μ/∂ε̂| (∂μ/∂ε̂ taken from `ddim_step_mean` itself, so any prediction type), scaled to
+    mean 1 over `timesteps`.
     """
     zero = torch.zeros(1, dtype=torch.float64)
     delta = torch.full((1,), 1e-3, dtype=torch.float64)
