@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msrl-installed
+DOCS_STAMP := $(VENV)/.msrl-docs-installed
 # pip's notes about this machine's local package mirrors are noise, not problems.
 # Braces keep grep's "no line left" status from hiding pip's own (pipefail reports pip's failure).
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -16,7 +17,7 @@ CKPT ?=
 SAMPLES ?= 8
 OUT ?= samples
 
-.PHONY: install demo demo-mask study test test-full pretrain sample tensorboard lint bench clean
+.PHONY: install demo demo-mask study test test-full pretrain sample tensorboard lint bench docs docs-serve clean
 
 install: $(STAMP)  ## create .venv and install msrl (idempotent)
 
@@ -26,6 +27,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
+
+# The docs extra (MkDocs, Material, mkdocstrings) on top of the install; make test does not need it.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]" 2>&1 | $(QUIET_PIP)
+	touch $(DOCS_STAMP)
 
 demo: install  ## embedded data → VQ-GAN → latent pretrain → rewards → PPO → samples → evaluate → report
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
@@ -63,5 +69,14 @@ bench: install  ## A/B ratio benchmarks against plain PyTorch/MONAI and the memo
 	MSRL_BENCH_COMMAND="make bench$(if $(GPU), GPU=$(GPU))" \
 		$(BIN)/python -m benchmarks $(if $(filter 1 yes true,$(GPU)),--gpu)
 
+# The docs extra pins MkDocs 1.x; these turn off the banners its theme and plugins print about MkDocs 2.0.
+MKDOCS := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs
+
+docs: $(DOCS_STAMP)  ## the documentation site (docs/, mkdocs.yml) into site/; a broken link or missing symbol fails
+	$(MKDOCS) build --strict --site-dir site
+
+docs-serve: $(DOCS_STAMP)  ## serve the documentation at http://127.0.0.1:8000, rebuilt on every save
+	$(MKDOCS) serve
+
 clean:
-	rm -rf $(VENV) data/cache runs samples demo_out demo_mask_out study_out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) data/cache runs samples demo_out demo_mask_out study_out site .pytest_cache .ruff_cache *.egg-info

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import warnings
+from importlib.metadata import version
 
 # verb: (module:function run with the verb's arguments, one line of help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -43,7 +44,7 @@ VERBS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     """The top-level help text: one table, a line per verb."""
     lines = ["usage: msrl VERB [options]   (msrl VERB --help: the verb's options; -c FILE: options from YAML)",
-             "", "verbs:"]
+             "       msrl --version", "", "verbs:"]
     lines += [f"  {name:<18} {text}" for name, (_, text) in VERBS.items()]
     return "\n".join(lines)
 
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        # The installed package's version (pyproject.toml's, the newest entry of CHANGELOG.md).
+        print(f"msrl {version('msrl')}")
+        return
     verb, rest = argv[0], argv[1:]
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # Lightning 2.6 on torch 2.13, harmless
     if verb not in VERBS:

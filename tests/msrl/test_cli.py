@@ -1,6 +1,7 @@
 """End-to-end tests of `msrl pretrain` and `msrl sample` through the CLI entry point."""
 
 import csv
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -135,3 +136,12 @@ def test_help_lists_every_verb_in_one_table(capsys: pytest.CaptureFixture) -> No
     for verb in ("pretrain", "train-autoencoder", "train-reward", "train-extractor", "train-controlnet", "finetune",
                  "sample", "evaluate", "report", "data", "study", "export", "merge-lora"):
         assert f"  {verb} " in printed and verb in VERBS
+
+
+def test_version_prints_the_pyproject_version(capsys: pytest.CaptureFixture) -> None:
+    """`msrl --version` (or -V) prints the installed version, which must be pyproject.toml's (else reinstall)."""
+    declared = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.MULTILINE)
+    assert declared is not None
+    for flag in ("--version", "-V"):
+        main([flag])
+        assert capsys.readouterr().out == f"msrl {declared.group(1)}\n"
