@@ -1,4 +1,4 @@
-"""`RewardBackpropModule`: fine-tuning by backpropagating a differentiable reward through the sampler (§8).
+"""`RewardBackpropModule`: backpropagating a differentiable reward through the sampler (docs/design.md §3a).
 
 Every learned reward in msrl is a network, differentiable in the volume; PPO (`PPOFinetuneModule`) sees one
 scalar per volume. Direct reward backpropagation ascends ∂reward/∂θ itself: DRaFT-K (Clark et al., ICLR 2024)

@@ -113,7 +113,7 @@ class LatentSpace:
         return torch.cat(parts)
 
     def decode_with_grad(self, latents: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
-        """`decode` that passes gradients back to the latents (reward backpropagation, docs/design.md §8).
+        """`decode` that passes gradients back to the latents (reward backpropagation, docs/design.md §3a).
 
         The autoencoder stays frozen; a VQ-GAN's codebook lookup passes the gradient straight through
         (`decode_latent_with_grad`). With `checkpoint` each chunk's decoder activations are recomputed in

@@ -1,4 +1,4 @@
-"""`FinetuneBase`: what every reward fine-tuner of a pretrained `DiffusionModule` shares (docs/design.md §3, §8).
+"""`FinetuneBase`: what every reward fine-tuner of a pretrained `DiffusionModule` shares (docs/design.md §3, §3a).
 
 PPO (`lightning_modules/ppo/`) and reward backpropagation (`lightning_modules/backprop/`) differ only in how
 they turn rewards into a gradient. Everything else is here, written once: the policy (from the EMA or raw

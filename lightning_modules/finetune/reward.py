@@ -3,7 +3,7 @@
 A reward is a `torch.nn.Module` mapping volumes `[B, C, D, H, W]` in [-1, 1] and class labels
 `[B]` (or None) to one finite score per volume `[B]`, higher is better, on whatever device and dtype
 the volumes have. Both fine-tuners call it: PPO under `no_grad` (one scalar per volume), reward
-backpropagation with gradients, ascending ∂reward/∂volume (docs/design.md §8). A reward says whether
+backpropagation with gradients, ascending ∂reward/∂volume (docs/design.md §3a). A reward says whether
 that gradient exists (`differentiable`); `non_differentiable_parts` names the parts that do not, so a
 configuration that backpropagates through them is refused before anything runs. Any module with that
 `forward` plugs in through YAML `class_path` (a plain module counts as differentiable); subclassing
