@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,11 +84,21 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
 
 
 RANDOM_STATES_KEY = "msrl_rng"  # where a checkpoint keeps `random_states()`
+VERSION_KEY = "msrl_version"  # the msrl release that wrote a checkpoint (msrl --version, CHANGELOG.md)
 
 
 def save_random_states(checkpoint: dict[str, Any]) -> None:
-    """Put this process's RNG states into a checkpoint (an `on_save_checkpoint` hook's job)."""
+    """Put this process's RNG states and msrl's version into a checkpoint (an `on_save_checkpoint` hook's job)."""
     checkpoint[RANDOM_STATES_KEY] = random_states()
+    checkpoint[VERSION_KEY] = msrl_version()
+
+
+def msrl_version() -> str:
+    """The installed msrl release (CHANGELOG.md), "unknown" when the package is not installed."""
+    try:
+        return metadata.version("msrl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def resume_random_states(checkpoint: dict[str, Any]) -> None:

@@ -6,4 +6,6 @@ rewards (`rewards`); this package holds what msrl adds beyond them: the `msrl` c
 Imports run one way, datamodules → lightning_modules → rewards → msrl (docs/design.md).
 """
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+__version__ = metadata.version("msrl")  # the installed release (pyproject.toml, CHANGELOG.md)

@@ -88,3 +88,13 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path, ca
         assert "pickle" not in error and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="is not a checkpoint: it is a text file"):
         RealismCriticModule.load_for_reward(str(tmp_path / "notes.ckpt"), "SliceCriticReward", "msrl train-reward")
+
+
+def test_checkpoints_record_the_installed_msrl_version() -> None:
+    from importlib import metadata
+
+    from lightning_modules.checkpoint_io import VERSION_KEY, save_random_states
+
+    checkpoint: dict = {}
+    save_random_states(checkpoint)
+    assert checkpoint[VERSION_KEY] == metadata.version("msrl") != "unknown"
