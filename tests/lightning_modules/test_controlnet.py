@@ -202,6 +202,7 @@ def test_print_config_shows_the_settings_and_no_noise_schedule(capsys: pytest.Ca
     assert "noise_scheduler" not in printed  # the base's schedule is the one used
 
 
+@pytest.mark.slow  # 13–20 s: make test-full (make test stays under 10 minutes)
 def test_two_process_ddp_trains_every_controlnet_weight(cohort_cache: Path, latent_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     """DDP without find_unused_parameters fails at the second step if any trainable weight misses the loss."""

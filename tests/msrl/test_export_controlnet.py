@@ -20,6 +20,7 @@ from tests.msrl.test_sample_mask import AFFINE, controlnet_checkpoint, lesion_ma
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # 13–20 s: make test-full (make test stays under 10 minutes)
 def test_controlnet_bundle_draws_like_msrl_sample_beside_the_mask(controlnet_checkpoint: Path,  # noqa: F811
                                                                   python_without_msrl: Path,  # noqa: F811
                                                                   tmp_path: Path) -> None:

@@ -179,6 +179,7 @@ def test_mask_fidelity_pairs_two_sources_drawn_from_the_same_masks() -> None:
         paired_records(other_masks, good, num_resamples=10, seed=0)
 
 
+@pytest.mark.slow  # 13–20 s: make test-full (make test stays under 10 minutes)
 def test_segmenters_trained_in_worker_processes_equal_those_trained_in_one() -> None:
     data = _blobs(8, seed=0)
     protocol = SegmentationProtocol(**{**FAST, "steps": 3, "seeds": (0, 1)})
