@@ -172,7 +172,7 @@ class SegmentationProtocol:
     downsample: int = 2
     steps: int = 300
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     seeds: Sequence[int] = (0, 1, 2)
     labels: Sequence[int] = SEGMENTATION_LABELS
