@@ -7,7 +7,7 @@ import_monai()  # first: MONAI without its `transformers` BERT import (datamodul
 from datamodules.atomic import atomic_folder, atomic_save  # noqa: E402
 from datamodules.base import SubjectRecord, VolumeDataModule  # noqa: E402
 from datamodules.brats import BraTS2019DataModule  # noqa: E402
-from datamodules.digest import sha256_of  # noqa: E402
+from datamodules.digest import check_recorded_file, sha256_of  # noqa: E402
 from datamodules.oasis import OASIS1DataModule  # noqa: E402
 from datamodules.preprocessing import BACKGROUND, FOREGROUND_THRESHOLD  # noqa: E402
 from datamodules.problems import DataError, Problem  # noqa: E402
@@ -16,4 +16,4 @@ from datamodules.template import TemplateCohortDataModule  # noqa: E402
 
 __all__ = ["BACKGROUND", "FOREGROUND_THRESHOLD", "BraTS2019DataModule", "DataError", "OASIS1DataModule", "Problem",
            "ResumableLoader", "SubjectRecord", "TemplateCohortDataModule", "VolumeDataModule", "atomic_folder",
-           "atomic_save", "sha256_of"]
+           "atomic_save", "check_recorded_file", "sha256_of"]

@@ -22,7 +22,7 @@ from monai.networks.utils import copy_model_state
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from datamodules.digest import sha256_of
+from datamodules.digest import check_recorded_file, sha256_of
 from lightning_modules.checkpoint_io import load_weights, rebuild_module, resume_random_states, save_random_states
 from lightning_modules.controlnet.masks import MASK_LABELS, check_mask_labels, label_channels, mask_channels, pool_to
 from lightning_modules.diffusion.module import DiffusionModule
@@ -293,12 +293,5 @@ def copy_base_weights(controlnet: ControlNet, unet: nn.Module, source: str | Pat
 
 def check_base(record: dict[str, Any], checkpoint: str | Path) -> Path:
     """The base checkpoint a ControlNet checkpoint names, refused (naming both files) if missing or changed."""
-    base = Path(record["base_checkpoint"])
-    if not base.is_file():
-        raise FileNotFoundError(f"ControlNet checkpoint {checkpoint} conditions the base checkpoint {base}, which "
-                                "does not exist: restore that file")
-    found = sha256_of(base)
-    if found != record["base_sha256"]:
-        raise ValueError(f"base checkpoint {base} is not the one ControlNet checkpoint {checkpoint} was trained on "
-                         f"(sha256 {found[:16]}…, recorded {record['base_sha256'][:16]}…): restore the original file")
-    return base
+    return check_recorded_file(record["base_checkpoint"], record["base_sha256"], "base checkpoint",
+                               f"ControlNet checkpoint {checkpoint}")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datamodules.digest import sha256_of
+from datamodules.digest import check_recorded_file, sha256_of
 
 # The ResNet blocks' 3×3×3 convolutions and the attention projections of a MONAI DiffusionModelUNet.
 DEFAULT_TARGETS = ("conv1.conv", "conv2.conv", "to_q", "to_k", "to_v", "out_proj")
@@ -139,17 +139,10 @@ def lora_record(rank: int, alpha: float | None, targets: Sequence[str], base_che
 
 def check_base(record: dict[str, Any], checkpoint: str | Path) -> Path:
     """The base checkpoint a LoRA checkpoint names, refused (naming both files) if missing or changed."""
-    base = Path(record["base_checkpoint"])
-    if not base.is_file():
-        raise FileNotFoundError(f"LoRA checkpoint {checkpoint} holds adapters over the base checkpoint {base}, which "
-                                "does not exist: restore that file (or merge the adapters where it exists, "
-                                "`msrl merge-lora`)")
-    found = sha256_of(base)
-    if found != record["base_sha256"]:
-        raise ValueError(f"base checkpoint {base} is not the one LoRA checkpoint {checkpoint} was trained on (sha256 "
-                         f"{found[:16]}…, recorded {record['base_sha256'][:16]}…): its adapters would change other "
-                         "weights; restore the original file")
-    return base
+    return check_recorded_file(record["base_checkpoint"], record["base_sha256"], "base checkpoint",
+                               f"LoRA checkpoint {checkpoint}",
+                               "restore the original file (the adapters fit its weights only), or merge the adapters "
+                               "where it exists (`msrl merge-lora`)")
 
 
 def load_adapters(unet: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, source: str | Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from datamodules.base import VolumeDataModule
-from datamodules.digest import sha256_of
+from datamodules.digest import check_recorded_file
 from lightning_modules import ControlNetModule, DiffusionModule, load_weights
 from lightning_modules.controlnet import CONTROLNET_KEY
 from lightning_modules.diffusion import DIFFUSION_KEY
@@ -107,16 +107,9 @@ class MaskFinetuned:
 def recorded_controlnet(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     """The ControlNet file a checkpoint's `msrl_masks` names, refused (naming both files) if missing or changed."""
     record = checkpoint[MASKS_KEY]
-    controlnet = Path(record["controlnet_checkpoint"])
-    if not controlnet.is_file():
-        raise FileNotFoundError(f"checkpoint {path} was fine-tuned under the ControlNet {controlnet}, which does not "
-                                f"exist (from {Path.cwd()}): restore it, or run from the directory the fine-tuning "
-                                "ran in")
-    found = sha256_of(controlnet)
-    if found != record["controlnet_sha256"]:
-        raise ValueError(f"ControlNet checkpoint {controlnet} is not the one {path} was fine-tuned under (sha256 "
-                         f"{found[:16]}…, recorded {record['controlnet_sha256'][:16]}…): restore the original file")
-    return controlnet
+    return check_recorded_file(record["controlnet_checkpoint"], record["controlnet_sha256"], "ControlNet checkpoint",
+                               f"fine-tuned checkpoint {path}",
+                               "restore the original file, or run from the directory the fine-tuning ran in")
 
 
 def load_mask_generator(path: str | Path, device: torch.device) -> ControlNetModule | MaskFinetuned:

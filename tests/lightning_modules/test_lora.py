@@ -124,7 +124,7 @@ def test_missing_or_changed_base_is_refused(lora_run: Path, base: Path, tmp_path
     state = torch.load(base, weights_only=True)
     state["state_dict"]["unet.out.2.conv.weight"] += 0.01
     torch.save(state, changed)
-    for target, error, match in ((tmp_path / "gone.ckpt", FileNotFoundError, "gone.ckpt, which does not exist"),
+    for target, error, match in ((tmp_path / "gone.ckpt", FileNotFoundError, "gone.ckpt does not exist"),
                                  (changed, ValueError, "changed.ckpt is not the one")):
         checkpoint["msrl_lora"]["base_checkpoint"] = str(target)
         torch.save(checkpoint, tmp_path / "lora.ckpt")

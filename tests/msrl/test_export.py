@@ -248,13 +248,14 @@ def test_export_refuses_what_it_cannot_export(autoencoder_checkpoint: Path, pret
                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     lora = tmp_path / "lora.ckpt"  # LoRA adapters whose base checkpoint is gone: nothing to merge them into
     checkpoint = torch.load(pretrained_checkpoint, weights_only=True)
-    torch.save({**checkpoint, "msrl_lora": {"rank": 4, "base_checkpoint": str(tmp_path / "gone.ckpt")}}, lora)
+    torch.save({**checkpoint, "msrl_lora": {"rank": 4, "base_checkpoint": str(tmp_path / "gone.ckpt"),
+                                            "base_sha256": "0" * 64}}, lora)
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "file").write_text("x")
     for argv, message in [
         (["--checkpoint", str(autoencoder_checkpoint)], "is a first stage"),
-        (["--checkpoint", str(lora)], "gone.ckpt, which does not exist"),
+        (["--checkpoint", str(lora)], "gone.ckpt does not exist"),
         (["--checkpoint", str(tmp_path / "missing.ckpt")], "missing.ckpt does not exist"),
         (["--checkpoint", str(pretrained_checkpoint), "--classes", "[2]"], "has 2 classes"),
         (["--checkpoint", str(pretrained_checkpoint), "--out", str(existing)], "--overwrite"),

@@ -112,8 +112,8 @@ def test_a_missing_or_changed_controlnet_file_is_refused_by_name(checkpoints: tu
     masks = _masks(tmp_path / "masks")
     with copy.open("ab") as handle:
         handle.write(b"changed")
-    for message in (f"ControlNet checkpoint {copy} is not the one", f"fine-tuned under the ControlNet {copy}, which "
-                                                                     "does not exist"):
+    for message in (f"ControlNet checkpoint {copy} is not the one fine-tuned checkpoint",
+                    f"ControlNet checkpoint {copy} does not exist (fine-tuned checkpoint"):
         with pytest.raises(SystemExit):
             main(["sample", "--checkpoint", str(tmp_path / "finetuned.ckpt"), "--mask", str(masks), *SAMPLER])
         assert message in capsys.readouterr().err
