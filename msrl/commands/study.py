@@ -1,6 +1,6 @@
 """`msrl study`: the paper's experiment — fine-tuning arms (PPO or reward backpropagation) that differ in the reward
-or the algorithm, over seeds, each evaluated paired against the pretrained model — then results.md/.json and
-figures over whatever has finished, with the pre-registered claims decided.
+or the algorithm, over seeds, each evaluated paired against the pretrained model (a mask arm: against its
+ControlNet) — then results.md/.json and figures over whatever has finished, with the pre-registered claims decided.
 
 On a workstation every unit runs one after another; on a cluster `scripts/slurm/study.sbatch` runs one
 unit per array task (`--unit $SLURM_ARRAY_TASK_ID`) and a last `--aggregate-only` writes the results.
@@ -17,7 +17,8 @@ from jsonargparse import ActionYesNo, ArgumentParser
 
 from msrl.commands.parsing import command_parser
 from msrl.study.aggregate import write_study_results
-from msrl.study.plan import PRIMARY, Arm, StudyPlan, write_plan
+from msrl.study.arms import Arm
+from msrl.study.plan import PRIMARY, StudyPlan, write_plan
 from msrl.study.runner import run_units
 
 
@@ -28,7 +29,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--reward", type=str, required=True, help="the full reward YAML (named components)")
     parser.add_argument("--arms", type=list[Arm], required=True,
                         help="[{name, components, finetune_configs, finetune_args}]: the reward components each arm "
-                        "keeps (null: all), its own msrl finetune -c files (null: the shared ones) and options")
+                        "keeps (null: all), its own msrl finetune -c files (null: the shared ones) and options; a "
+                        "mask arm has reward (its own YAML) instead of components, and baseline {name, checkpoint} "
+                        "(its ControlNet), evaluate_config and evaluate_args of its own")
     parser.add_argument("--seeds", type=list[int], default=[0, 1, 2],
                         help="study seeds (fine-tuning and evaluation)")
     parser.add_argument("--finetune-configs", "--finetune_configs", type=list[str], required=True,

@@ -11,14 +11,17 @@ The study folder (the contract between the study's runner and this module):
                         {"multiscale": ARM, "single_scale": [ARM, …], "versus": ARM} (default: single-scale arms
                         have one component, the multi-scale arm exactly their union; no versus claim without
                         "versus"). The pretrained model is the arm "pretrained": it has no units of its own.
+                        A mask arm has "reward" (its own reward YAML), "baseline" {"name", "checkpoint"} (the
+                        ControlNet it was fine-tuned under) and "evaluate_config": its units are compared with
+                        that baseline, and it is reported on its own (not in the table, claims 1-6 or forest).
     DIR/units/<arm>/seed_<s>/unit.json       written last, atomically, when the unit (fine-tuning + evaluation)
                         finished: {"arm", "seed", "status": "done", "seconds": {"finetune", "evaluate"}, "checkpoint"}
     DIR/units/<arm>/seed_<s>/finetune/version_0/     the fine-tuning run's TensorBoard events under its
                         algorithm's prefix P (ppo/ or backprop/): P/reward_raw/total, P/reward_raw/<component>,
                         P/heldout_fid, P/iteration, …
     DIR/units/<arm>/seed_<s>/evaluation/metrics.json   `msrl evaluate` (schema 2) with the sources "pretrained"
-                        (the baseline) and "<arm>", sampled with the same seeds (paired); the evaluation seed
-                        differs per study seed.
+                        (the baseline; a mask arm's: its baseline's name) and "<arm>", sampled with the same seeds
+                        (paired); the evaluation seed differs per study seed.
 
     DIR/results.json, DIR/results.md, DIR/figures/*.png    written here (`write_study_results`).
 
@@ -50,10 +53,13 @@ from msrl.study.figures import draw_figures
 from msrl.study.tables import results_markdown
 from msrl.study.units import (
     BASELINE,
+    MASK_PRIMARY,
     ROW_FIELDS,
     FinishedUnit,
     arm_algorithm,
+    arm_baseline,
     collect_units,
+    evaluated_alike,
     lower_is_better,
     read_plan,
     trained_arms,
@@ -119,21 +125,24 @@ def arm_rows(units: list[FinishedUnit]) -> list[dict[str, Any]]:
 
 
 def reward_reference_arm(plan: dict[str, Any]) -> str | None:
-    """The arm whose reward scores the pretrained model in the table: the full reward (components None: all)."""
-    arms = [arm for arm in plan["arms"] if arm["name"] != BASELINE]
+    """The arm whose reward scores the pretrained model in the table: the full reward (components None: all; an arm
+    with its own reward or baseline never)."""
+    arms = [arm for arm in plan["arms"] if arm["name"] != BASELINE and arm.get("reward") is None
+            and arm_baseline(arm) == BASELINE]
     size = lambda arm: math.inf if arm.get("components") is None else len(arm["components"])  # noqa: E731
     return max(reversed(arms), key=size)["name"] if arms else None
 
 
-def source_rows(units: list[FinishedUnit], plan: dict[str, Any], source: str) -> list[dict[str, Any]]:
-    """The pretrained model's ("baseline") or the real data's ("real") rows over seeds.
+def source_rows(units: list[FinishedUnit], plan: dict[str, Any], source: str,
+                reference: str | None = None) -> list[dict[str, Any]]:
+    """The baseline's ("baseline") or the real data's ("real") rows over seeds.
 
-    Both are measured again in every unit; per seed the first finished unit counts (the full-reward
-    arm first), and `spread` is the largest difference between units of one seed (0 when the same
-    samples gave the same numbers). Reward rows come only from the full-reward arm: each arm scores
-    with its own reward.
+    Both are measured again in every unit; per seed the first finished unit counts (the `reference`
+    arm first: by default the full-reward arm), and `spread` is the largest difference between units
+    of one seed (0 when the same samples gave the same numbers). Reward rows come only from the
+    reference arm: each arm scores with its own reward.
     """
-    reference = reward_reference_arm(plan)
+    reference = reference or reward_reference_arm(plan)
     ordered = sorted(units, key=lambda unit: (unit.arm != reference, trained_arms(plan).index(unit.arm)))
     keys = list(dict.fromkeys(key for unit in ordered for key in getattr(unit, source)))
     rows = []
@@ -157,12 +166,16 @@ def source_rows(units: list[FinishedUnit], plan: dict[str, Any], source: str) ->
 
 
 def study_info(plan: dict[str, Any], units: list[FinishedUnit]) -> dict[str, Any]:
-    """Arms, seeds and the primary row (extractor, view, class, reference, evaluation sampler) of the table."""
+    """Arms, seeds and the primary row (extractor, view, class, reference, evaluation sampler) of the table, read
+    from `units` (those compared with the pretrained model); `compared_with` {arm: baseline} where a mask arm
+    has its own."""
     info: dict[str, Any] = {"arms": [a["name"] for a in plan["arms"] if a["name"] != BASELINE],
                             "components": {a["name"]: a.get("components") for a in plan["arms"]},
                             "algorithms": {a["name"]: arm_algorithm(a) for a in plan["arms"]},
                             "seeds": list(plan["seeds"]), "claims": plan.get("claims"),
                             "plan": {k: v for k, v in plan.items() if k not in ("arms", "seeds", "claims")}}
+    if any(arm_baseline(a) != BASELINE for a in plan["arms"]):
+        info["compared_with"] = {a["name"]: arm_baseline(a) for a in plan["arms"]}
     evaluation = units[0].evaluation if units else {}
     recorded = evaluation.get("primary", {})  # the evaluation's: its first extractor, at its own sampler
     chosen = {key: value for key, value in plan.get("primary", {}).items() if value is not None}
@@ -184,24 +197,35 @@ def study_info(plan: dict[str, Any], units: list[FinishedUnit]) -> dict[str, Any
     if units and primary.get("extractor") not in extractors:
         problems.append(f"the primary extractor {primary.get('extractor')!r} is not among the evaluation's "
                         f"extractors {extractors}")
-    for unit in units[1:]:  # every unit must be measured alike, or its numbers do not pool
-        other = unit.evaluation
-        if other.get("extractors") != extractors or other.get("samplers", {}).get("evaluation") != \
-                samplers.get("evaluation") or other.get("data", {}).get("real_split") != primary.get("reference"):
-            problems.append(f"{unit.arm} seed {unit.seed} was evaluated differently from {units[0].arm} seed "
-                            f"{units[0].seed} (extractors {other.get('extractors')}, sampler "
-                            f"{other.get('samplers', {}).get('evaluation')}, split "
-                            f"{other.get('data', {}).get('real_split')})")
+    problems += evaluated_alike(units)
     info.update({"primary": primary, "extractors": extractors, "views": views, "data": evaluation.get("data", {}),
                  "samplers": samplers, "problems": problems})
     return info
 
 
+def mask_arm(entry: dict[str, Any], units: list[FinishedUnit], plan: dict[str, Any]) -> dict[str, Any]:
+    """A mask arm's own part of its results: its reward, its baseline's rows and the real data's (measured by its own
+    evaluation), its primary row (mask fidelity, whole tumour) and what keeps its numbers from pooling."""
+    sampler = units[0].evaluation.get("samplers", {}).get("evaluation") if units else None
+    primary = {**MASK_PRIMARY, "sampler": sampler}
+    problems = evaluated_alike(units)
+    if units and not any(all(dict(zip(ROW_FIELDS, key, strict=True)).get(k) == v for k, v in primary.items())
+                         for unit in units for key in unit.candidate):
+        problems.append(f"no {primary['metric']} row ({primary['label']}, sampler {sampler}) in its evaluations: its "
+                        "evaluate config needs data with lesion masks and segmentation (a segmentation: section)")
+    return {"reward": entry.get("reward"), "evaluate_config": entry.get("evaluate_config"), "primary": primary,
+            "fid": units[0].evaluation.get("primary") if units else None,  # its evaluation's own primary FID row
+            "baseline": {**entry["baseline"], "rows": source_rows(units, plan, "baseline", entry["name"])},
+            "real": {"rows": source_rows(units, plan, "real", entry["name"])}, "problems": problems}
+
+
 def aggregate_study(out_dir: Path) -> dict[str, Any]:
-    """The study's results (without claims and figures): plan, units, pretrained, real data and every arm."""
+    """The study's results (without claims and figures): plan, units, pretrained, real data and every arm (a mask
+    arm with its own baseline's and real data's rows)."""
     out_dir = Path(out_dir)
     plan = read_plan(out_dir)
     finished, missing = collect_units(out_dir, plan)
+    main = [unit for unit in finished if unit.baseline_name == BASELINE]
     arms = {}
     for arm in trained_arms(plan):
         units = [unit for unit in finished if unit.arm == arm]
@@ -212,14 +236,18 @@ def aggregate_study(out_dir: Path) -> dict[str, Any]:
                      "finetune_configs": entry.get("finetune_configs"),
                      "finetune_seconds": sum(seconds) / len(seconds) if seconds else None,
                      "seeds_finished": [unit.seed for unit in units], "rows": arm_rows(units)}
+        if arm_baseline(entry) != BASELINE:
+            arms[arm].update(mask_arm(entry, units, plan))
+        elif entry.get("reward") is not None:
+            arms[arm]["reward"] = entry["reward"]
     return {
-        "study": study_info(plan, finished),
+        "study": study_info(plan, main),
         "units": {"finished": [{"arm": u.arm, "seed": u.seed, "folder": str(u.folder.relative_to(out_dir)),
                                 "seconds": u.info.get("seconds"), "checkpoint": u.info.get("checkpoint")}
                                for u in finished],
                   "missing": missing},
-        "pretrained": {"rows": source_rows(finished, plan, "baseline")},
-        "real": {"rows": source_rows(finished, plan, "real")},
+        "pretrained": {"rows": source_rows(main, plan, "baseline")},
+        "real": {"rows": source_rows(main, plan, "real")},
         "arms": arms,
     }
 

@@ -23,6 +23,10 @@ them, so a rerun with other claims is refused): `multiscale`, `single_scale` and
    common seeds is lower (as claim 4); the paired interval over seeds and both arms' mean
    fine-tuning seconds are stated, so a reader sees whether the time was equal.
 
+A mask arm (its own baseline, the ControlNet it is fine-tuned under) plays no role above; its claim:
+it raises its primary mask fidelity (whole tumour) over that ControlNet beyond the per-seed paired
+interval over volumes in ⌈2n/3⌉ of n seeds (as claims 1, 3 and 5).
+
 Each claim "holds", "does not hold" or is "not evaluable" (units missing or rows absent), with
 the numbers it was decided on. Claims 2, 4 and 6 are decided only when every planned seed of the arms
 they involve has finished (claims 1, 3 and 5 are decided early once the finished seeds settle them).
@@ -35,7 +39,7 @@ from typing import Any
 
 from msrl.evaluation.fidelity import FIDELITY_METRIC
 from msrl.evaluation.paired import paired_seeds
-from msrl.study.units import algorithm_name, find_row, row_sampler
+from msrl.study.units import BASELINE, algorithm_name, find_row, mask_arms, pretrained_arms, row_sampler
 
 HOLDS, FAILS, OPEN = "holds", "does not hold", "not evaluable"
 
@@ -44,7 +48,8 @@ def roles(study: dict[str, Any]) -> tuple[str | None, list[str]]:
     """The multi-scale arm and the single-scale arms: from study.json "claims", else from the components
     (the `versus` arm, never guessed, is read by `evaluate_claims`)."""
     given = study.get("claims") or {}
-    components = {arm: study["components"].get(arm) for arm in study["arms"]}  # None: every component (full)
+    # None: every component (full); a mask arm, compared with its own baseline, is never a role
+    components = {arm: study["components"].get(arm) for arm in pretrained_arms(study)}
     singles = given["single_scale"] if given.get("single_scale") is not None else [  # []: no claim 4
         arm for arm, parts in components.items() if parts is not None and len(parts) == 1]
     union = set().union(*(set(components.get(arm) or []) for arm in singles))
@@ -137,15 +142,18 @@ def other_fid_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
 
 
 def per_seed_claim(results: dict[str, Any], arm: str, name: str, text: str, fields: dict[str, Any],
-                   what: str) -> dict[str, Any]:
-    """A claim decided by the evaluation's per-seed paired intervals: better beyond the
-    per-seed 95 % interval in ⌈2n/3⌉ of n planned seeds; "not evaluable" without per-seed intervals."""
+                   what: str, baseline: str = BASELINE) -> dict[str, Any]:
+    """A claim decided by the evaluation's per-seed paired intervals (arm − `baseline`): better beyond the
+    per-seed 95 % interval in ⌈2n/3⌉ of n planned seeds; "not evaluable" without per-seed intervals.
+    `fields` without a sampler are read at the primary's, else the evaluation's."""
     seeds = results["study"]["seeds"]
-    row = find_row(results["arms"][arm]["rows"], **fields, sampler=row_sampler(results, **fields))
+    if "sampler" not in fields:
+        fields = {**fields, "sampler": row_sampler(results, **fields)}
+    row = find_row(results["arms"][arm]["rows"], **fields)
     if row is None or "paired" not in row:
         return claim(name, text, OPEN, f"no finished unit of {arm} has {what}")
     paired = row["paired"]
-    detail = f"{arm} − pretrained: {difference_text(paired)}"
+    detail = f"{arm} − {baseline}: {difference_text(paired)}"
     intervals = [p for p in paired["per_seed"] if p["ci95"] is not None]
     if not intervals:
         return claim(name, text, OPEN, f"the evaluation gave no per-seed interval of {what} (only point "
@@ -176,6 +184,19 @@ def class_fidelity_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
             f"interval in at least {needed(len(seeds))} of {len(seeds)} seeds")
     return per_seed_claim(results, arm, "class_fidelity", text, {"metric": FIDELITY_METRIC, "class": "1"},
                           "class-1 class fidelity")
+
+
+def mask_fidelity_claim(results: dict[str, Any], arm: str) -> dict[str, Any]:
+    """A mask arm's claim: its primary mask fidelity better than its baseline's (the ControlNet's) beyond the per-seed
+    paired interval over volumes in ⌈2n/3⌉ seeds."""
+    seeds = results["study"]["seeds"]
+    entry = results["arms"][arm]
+    baseline, primary = entry["baseline"]["name"], entry["primary"]
+    what = f"{primary['metric']} ({primary['label'].replace('_', ' ')})"
+    text = (f"{arm} raises mask fidelity ({primary['label'].replace('_', ' ')}, real-trained segmenters) over "
+            f"{baseline} beyond the per-seed paired 95 % interval in at least {needed(len(seeds))} of {len(seeds)} "
+            "seeds")
+    return per_seed_claim(results, arm, f"mask_fidelity:{arm}", text, primary, what, baseline)
 
 
 def single_scale_claim(results: dict[str, Any], arm: str, singles: list[str]) -> dict[str, Any]:
@@ -243,12 +264,14 @@ def versus_claim(results: dict[str, Any], arm: str, versus: str) -> dict[str, An
 
 
 def evaluate_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every claim of point 4 for the multi-scale arm (all "not evaluable" when the plan has none)."""
+    """Every claim of point 4 for the multi-scale arm (all "not evaluable" when the plan has none), then each mask
+    arm's mask-fidelity claim."""
+    masks = [mask_fidelity_claim(results, arm) for arm in mask_arms(results["study"])]
     multiscale, singles = roles(results["study"])
     if multiscale is None or multiscale not in results["arms"]:
         return [claim("multiscale", "the plan has a multi-scale arm", OPEN,
                       "no arm's components are the union of the single-scale arms' ("
-                      + ", ".join(singles) + "); name it in study.json \"claims\"")]
+                      + ", ".join(singles) + "); name it in study.json \"claims\"")] + masks
     claims = [primary_claim(results, multiscale), other_fid_claim(results, multiscale),
               utility_claim(results, multiscale)]
     if singles:
@@ -257,4 +280,4 @@ def evaluate_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     versus = (results["study"].get("claims") or {}).get("versus")
     if versus is not None:
         claims.append(versus_claim(results, multiscale, versus))
-    return claims
+    return claims + masks

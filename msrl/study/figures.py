@@ -18,7 +18,7 @@ from lightning_modules import finetune_tags  # noqa: E402
 from lightning_modules.finetune.base import metric_prefixes  # noqa: E402
 from msrl.evaluation.figures import read_scalars  # noqa: E402
 from msrl.study.tables import paper_rows  # noqa: E402
-from msrl.study.units import find_row  # noqa: E402
+from msrl.study.units import find_row, pretrained_arms  # noqa: E402
 
 COLOURS = {"better": "C2", "worse": "C3", "no difference": "0.4", "lower": "C0", "higher": "C1"}
 # each a tag per fine-tuner (ppo/…, backprop/…): a unit's run logs under its algorithm's prefix
@@ -26,8 +26,9 @@ REWARD, HELDOUT_FID, ITERATION = "reward_raw/total", "heldout_fid", "iteration"
 
 
 def forest_figure(results: dict[str, Any], path: Path) -> Path | None:
-    """One panel per table row: each arm's mean paired difference to pretrained, its t-interval, the seeds' points."""
-    arms = results["study"]["arms"]
+    """One panel per table row: each arm's mean paired difference to pretrained, its t-interval, the seeds' points
+    (the arms compared with the pretrained model; a mask arm's baseline is another model)."""
+    arms = pretrained_arms(results["study"])
     panels = [(label, fields) for label, fields in paper_rows(results)
               if any("paired" in (find_row(results["arms"][a]["rows"], **fields) or {}) for a in arms)]
     if not panels:

@@ -8,18 +8,25 @@ pretrained checkpoint, then an evaluation of that checkpoint against the pretrai
 same sampling seeds (paired). The pretrained model itself is the arm "pretrained": the
 baseline in every unit's evaluation, never fine-tuned.
 
+A *mask arm* fine-tunes under a frozen ControlNet of the pretrained model (its finetune configs set
+`model.controlnet_checkpoint`) with its own reward YAML, used as is (`reward`: the mask-fidelity
+reward is no subset of the full reward). Its `baseline` is that ControlNet ({name, checkpoint}), not
+the plain pretrained model, and its own `evaluate_config` (one with `segmentation:`) measures mask
+fidelity paired per volume against it: both draw from the same held-out masks with the same seeds.
+
 Folder layout of a study (`DIR`; msrl/study/aggregate.py reads it):
 
     DIR/study.json                              this plan (arms, seeds, inputs), written once
-    DIR/arms/<arm>/reward.yaml                  the arm's reward: the full reward's selected components
+    DIR/arms/<arm>/reward.yaml                  the arm's reward: the full reward's selected components (or the
+                                                arm's own reward YAML, copied as is)
     DIR/units/<arm>/seed_<s>/finetune/version_0 the fine-tuning run (TensorBoard events, checkpoints/last.ckpt)
-    DIR/units/<arm>/seed_<s>/evaluation/        `msrl evaluate` output, sources "pretrained" and "<arm>"
+    DIR/units/<arm>/seed_<s>/evaluation/        `msrl evaluate` output, sources "pretrained" (a mask arm: its
+                                                baseline's name) and "<arm>"
     DIR/units/<arm>/seed_<s>/unit.json          written last: the unit has finished (never recomputed)
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,27 +35,24 @@ from typing import Any
 import yaml
 
 from datamodules.atomic import atomic_write_text
-from lightning_modules.finetune import DEFAULT_FINETUNER
+from msrl.study.arms import (
+    OWN_ARM_KEYS,
+    PRETRAINED,
+    Arm,
+    arm_files,
+    arm_reward,
+    component_names,
+    finetune_model,
+    finetune_setting,
+    read_reward,
+)
 
-PRETRAINED = "pretrained"  # the baseline arm's name, in every unit's evaluation
 # the primary metric unless a study says otherwise: FID in the evaluation's first (in-domain) features, both
 # classes pooled, at the sampler the fine-tuner trained (its DDIM steps and η)
 PRIMARY = {"metric": "fid", "extractor": None, "class": "all", "sampler": "ddim20-eta1"}
 # the pre-registered claims' roles (msrl/study/claims.py): the multi-scale arm, the single-scale arms it is
 # compared with, and the other algorithm's multi-scale arm
 CLAIM_ROLES = ("multiscale", "single_scale", "versus")
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One fine-tuned arm: a name, the full reward's components it keeps (None: every component), and,
-    where it differs from the plan's, its own fine-tuner (`finetune_configs` None: the plan's shared ones;
-    `finetune_args` are appended after the plan's)."""
-
-    name: str
-    components: list[str] | None = None
-    finetune_configs: list[str] | None = None
-    finetune_args: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class StudyPlan:
             raise ValueError("a study needs at least one arm (arms: [{name: …, components: […]}])")
         if len(set(names)) != len(names) or PRETRAINED in names:
             raise ValueError(f"arm names must be distinct and not {PRETRAINED!r} (the baseline), got {names}")
+        self.check_baselines(names)
         unknown = sorted(set(self.primary) - set(PRIMARY))
         if unknown:
             raise ValueError(f"primary: unknown keys {unknown}; expected {sorted(PRIMARY)}")
@@ -139,8 +144,25 @@ class StudyPlan:
         missing = [name for name in named if name is not None and name not in names]
         if missing:
             raise ValueError(f"claims name arms {missing} that the plan does not have (arms: {names})")
+        own = [name for name in named if name is not None and self.arm(name).baseline is not None]
+        if own:
+            raise ValueError(f"claims name arms {own} with their own baseline: the claims are about arms compared "
+                             "with the pretrained model (a mask arm's mask fidelity is reported on its own)")
         if self.claims.get("versus") is not None and self.claims.get("versus") == self.claims.get("multiscale"):
             raise ValueError("claims.versus must differ from claims.multiscale (it is the other algorithm's arm)")
+
+    def check_baselines(self, names: list[str]) -> None:
+        """Baselines are not arms, and one baseline name is one checkpoint (its rows pool over seeds by name)."""
+        checkpoints: dict[str, str] = {}
+        for arm in self.arms:
+            if arm.baseline is None:
+                continue
+            name = arm.baseline["name"]
+            if name in names:
+                raise ValueError(f"arm {arm.name!r}: baseline name {name!r} is an arm's name (arms: {names})")
+            if checkpoints.setdefault(name, arm.baseline["checkpoint"]) != arm.baseline["checkpoint"]:
+                raise ValueError(f"arm {arm.name!r}: baseline {name!r} is {arm.baseline['checkpoint']}, another arm's "
+                                 f"is {checkpoints[name]}: give different checkpoints different names")
 
     def arm(self, name: str) -> Arm:
         """The arm called `name`."""
@@ -156,11 +178,12 @@ class StudyPlan:
                 for seed in self.seeds]
 
     def check_inputs(self) -> None:
-        """Every input file exists and every arm's components are in the reward: fail before any compute."""
+        """Every input file exists, every arm's components are in the reward, every own reward is a reward config,
+        and an arm fine-tuned under a ControlNet is compared with that ControlNet: fail before any compute."""
         for key, path in [("pretrained", self.pretrained), ("reward", self.reward),
                           ("evaluate_config", self.evaluate_config)] + [
                 ("finetune_configs", p) for p in self.finetune_configs] + [
-                (f"arms[{arm.name}].finetune_configs", p) for arm in self.arms for p in arm.finetune_configs or []]:
+                (f"arms[{arm.name}].{key}", p) for arm in self.arms for key, p in arm_files(arm)]:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"study key {key}: {path} does not exist")
         names = component_names(read_reward(self.reward), self.reward)
@@ -169,60 +192,31 @@ class StudyPlan:
             if unknown:
                 raise ValueError(f"arm {arm.name!r}: components {unknown} are not in {self.reward} "
                                  f"(its components: {names})")
+            if arm.reward is not None:
+                read_reward(arm.reward)
+            self.check_controlnet(arm)
+
+    def check_controlnet(self, arm: Arm) -> None:
+        """A mask arm's baseline is the ControlNet its fine-tuning runs under (same masks, same noise: paired)."""
+        controlnet = finetune_setting(self.arm_finetune_configs(arm), [*self.finetune_args, *arm.finetune_args],
+                                      "controlnet_checkpoint")
+        if controlnet is None:
+            return
+        if arm.baseline is None:
+            raise ValueError(f"arm {arm.name!r} fine-tunes under the ControlNet {controlnet} (model."
+                             "controlnet_checkpoint): give it baseline: {name: controlnet, checkpoint: "
+                             f"{controlnet}}} so it is compared with that ControlNet, not the plain pretrained model")
+        if Path(controlnet).resolve() != Path(arm.baseline["checkpoint"]).resolve():
+            raise ValueError(f"arm {arm.name!r}: fine-tunes under the ControlNet {controlnet}, but its baseline "
+                             f"{arm.baseline['name']!r} is {arm.baseline['checkpoint']}: they must be the same file")
 
     def as_json(self) -> dict[str, Any]:
         """The plan as study.json stores it: each arm with the configs it runs and its fine-tuner's class."""
-        arms = [{**asdict(a), "finetune_configs": self.arm_finetune_configs(a),
+        arms = [{**{k: v for k, v in asdict(a).items() if k not in OWN_ARM_KEYS or v},
+                 "finetune_configs": self.arm_finetune_configs(a),
                  "model": finetune_model(self.arm_finetune_configs(a), [*self.finetune_args, *a.finetune_args])}
                 for a in self.arms]
         return {**asdict(self), "arms": arms}
-
-
-def finetune_model(configs: list[str], args: list[str]) -> str:
-    """The class `msrl finetune` builds from these configs and options: the last `model.class_path` given
-    (a later -c file or option overrides an earlier one, as jsonargparse reads them), else PPO."""
-    found = DEFAULT_FINETUNER
-    for path in configs:
-        config = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-        model = config.get("model") if isinstance(config, dict) else None
-        if isinstance(model, dict) and isinstance(model.get("class_path"), str):
-            found = model["class_path"]
-    for option, value in zip(args, args[1:], strict=False):
-        if option == "--model.class_path":
-            found = value
-    return found
-
-
-def read_reward(path: str) -> dict[str, Any]:
-    """A reward YAML as a dict ({class_path, init_args})."""
-    config = yaml.safe_load(Path(path).read_text())
-    if not isinstance(config, dict) or "init_args" not in config:
-        raise ValueError(f"{path}: expected a reward config with class_path and init_args")
-    return config
-
-
-def component_names(config: dict[str, Any], path: str) -> list[str]:
-    """The names of a MultiScaleReward config's components (each component's init_args.name)."""
-    components = config["init_args"].get("components")
-    if not isinstance(components, list):
-        raise ValueError(f"{path}: a study needs a MultiScaleReward with a list of named components")
-    names = [(c.get("init_args") or {}).get("name") for c in components]
-    if None in names:
-        raise ValueError(f"{path}: every component needs init_args.name (the arms select components by it)")
-    return names
-
-
-def arm_reward(config: dict[str, Any], arm: Arm, path: str) -> dict[str, Any]:
-    """The arm's reward: the full reward with only the arm's components and their weights; the rest unchanged."""
-    names = component_names(config, path)
-    keep = [i for i, n in enumerate(names) if arm.components is None or n in arm.components]
-    result = copy.deepcopy(config)
-    init = result["init_args"]
-    init["components"] = [init["components"][i] for i in keep]
-    if init.get("weights") is not None:
-        init["weights"] = [init["weights"][i] for i in keep]
-    init["name"] = arm.name
-    return result
 
 
 def write_plan(plan: StudyPlan, out: Path) -> None:
@@ -239,7 +233,8 @@ def write_plan(plan: StudyPlan, out: Path) -> None:
     for arm in plan.arms:
         folder = out / "arms" / arm.name
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(yaml.safe_dump(arm_reward(full, arm, plan.reward), sort_keys=False),
-                          folder / "reward.yaml")
+        text = Path(arm.reward).read_text() if arm.reward is not None else yaml.safe_dump(  # its own: as is
+            arm_reward(full, arm, plan.reward), sort_keys=False)
+        atomic_write_text(text, folder / "reward.yaml")
     if not stored.is_file():
         atomic_write_text(json.dumps(plan.as_json(), indent=1), stored)

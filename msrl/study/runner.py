@@ -1,5 +1,5 @@
 """Running a study's units: a fine-tuning run (PPO or reward backpropagation) per arm × seed, then its paired
-evaluation against the pretrained model.
+evaluation against the pretrained model (a mask arm's: against its ControlNet, with its own evaluate config).
 
 Each step is a `msrl finetune` / `msrl evaluate` subprocess (the same commands a user runs, so a unit
 is reproducible by hand from its logged command line). Requeue-safe: the fine-tuning run writes into a fixed
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from datamodules.atomic import atomic_write_text
-from msrl.study.plan import PRETRAINED, StudyPlan, Unit
+from msrl.study.plan import StudyPlan, Unit
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ def finetune_command(plan: StudyPlan, unit: Unit, out: Path) -> list[str]:
 
 
 def evaluate_command(plan: StudyPlan, unit: Unit) -> list[str]:
-    """`msrl evaluate` of one unit: pretrained (the baseline) and the arm's checkpoint, same seeds."""
-    return [sys.executable, "-m", "msrl.cli", "evaluate", "-c", plan.evaluate_config,
-            "--checkpoint", plan.pretrained, "--checkpoint", str(unit.checkpoint),
-            "--names", f"[{PRETRAINED}, {unit.arm}]", "--baseline", PRETRAINED,
+    """`msrl evaluate` of one unit: its baseline (the pretrained model, or a mask arm's ControlNet) and the arm's
+    checkpoint, same seeds; a mask arm's own evaluate config, and its own options after the plan's."""
+    arm = plan.arm(unit.arm)
+    baseline = plan.pretrained if arm.baseline is None else arm.baseline["checkpoint"]
+    return [sys.executable, "-m", "msrl.cli", "evaluate", "-c", arm.evaluate_config or plan.evaluate_config,
+            "--checkpoint", baseline, "--checkpoint", str(unit.checkpoint),
+            "--names", f"[{arm.baseline_name}, {unit.arm}]", "--baseline", arm.baseline_name,
             "--seed", str(plan.evaluation_seed + unit.seed),
-            "--out", str(unit.evaluation), "--overwrite", "true", *plan.evaluate_args]
+            "--out", str(unit.evaluation), "--overwrite", "true", *plan.evaluate_args, *arm.evaluate_args]
 
 
 def thread_environment(jobs: int) -> dict[str, str] | None:
@@ -104,7 +107,7 @@ def run_unit(plan: StudyPlan, unit: Unit, out: Path, env: dict[str, str] | None 
     if metrics.is_file():
         seconds["evaluate"] = 0.0  # evaluated by an earlier job that stopped before writing unit.json
     else:
-        print(f"  {unit.arm} seed {unit.seed}: evaluation against {PRETRAINED} (log: "
+        print(f"  {unit.arm} seed {unit.seed}: evaluation against {plan.arm(unit.arm).baseline_name} (log: "
               f"{unit.folder / 'evaluate.log'})", flush=True)
         seconds["evaluate"] = run_logged(evaluate_command(plan, unit), unit.folder / "evaluate.log",
                                          f"evaluation of arm {unit.arm!r} seed {unit.seed}", env)

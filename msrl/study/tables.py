@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from msrl.evaluation.fidelity import FIDELITY_METRIC
+from msrl.evaluation.segmentation import SEGMENTATION_METRIC, WHOLE_TUMOUR
 from msrl.evaluation.tables import markdown_table
-from msrl.study.units import algorithm_name, find_row, row_sampler
+from msrl.study.units import algorithm_name, find_row, main_rows, mask_arms, pretrained_arms, row_sampler
 
 UTILITY = ("accuracy", "balanced_accuracy", "auroc")
 FIGURES = {"forest": "no paired difference yet",
@@ -24,7 +25,7 @@ def paper_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """
     study = results["study"]
     primary = study["primary"]
-    every = [row for arm in results["arms"].values() for row in arm["rows"]] + results["pretrained"]["rows"]
+    every = main_rows(results)
     wanted = []
     for extractor in sorted(study["extractors"], key=lambda e: e != primary.get("extractor")):
         view = study["views"][extractor]
@@ -99,8 +100,9 @@ def real_cell(results: dict[str, Any], fields: dict[str, Any]) -> str:
 
 
 def paper_tables(results: dict[str, Any]) -> list[str]:
-    """Table 1 (values over seeds) and table 2 (paired difference to pretrained), metric rows × arm columns."""
-    arms = results["study"]["arms"]
+    """Table 1 (values over seeds) and table 2 (paired difference to pretrained), metric rows × arm columns (the arms
+    compared with the pretrained model; a mask arm has its own section)."""
+    arms = pretrained_arms(results["study"])
     seeds = len(results["study"]["seeds"])
     count = {arm: len(results["arms"][arm]["seeds_finished"]) for arm in arms}
     rows = paper_rows(results)
@@ -116,12 +118,84 @@ def paper_tables(results: dict[str, Any]) -> list[str]:
             "paired 95 % interval excludes 0)", "", markdown_table(["metric", *header], differences), ""]
 
 
+def reward_cell(entry: dict[str, Any]) -> str:
+    """An arm's reward: its components of the full reward, or its own reward YAML (a mask arm's)."""
+    if entry.get("reward") is not None:
+        return f"its own reward ({entry['reward']})"
+    return "all (the full reward)" if entry["components"] is None else ", ".join(entry["components"])
+
+
+def region(label: str) -> str:
+    """A segmentation region as the reader says it: "whole tumour", "label 2"."""
+    return "whole tumour" if label == WHOLE_TUMOUR else f"label {label}"
+
+
+def mask_rows(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, row fields) of a mask arm's table: mask fidelity per region (the primary, whole tumour, first),
+    segmentation utility of its synthetic pairs per region, its evaluation's primary FID, its raw reward;
+    every row at its evaluation's sampler, rows neither the arm nor its baseline has left out."""
+    primary = entry["primary"]
+    every = entry["rows"] + entry["baseline"]["rows"]
+    at = {"sampler": primary["sampler"]}
+    wanted = []
+    for metric, train_set, name in ((primary["metric"], primary["train_set"], "mask fidelity ↑ (Dice of the "
+                                     "real-trained segmenters against each volume's mask)"),
+                                    (SEGMENTATION_METRIC, "synthetic", "segmentation utility ↑ (Dice, trained on "
+                                     "its synthetic pairs)")):
+        labels = dict.fromkeys(r["label"] for r in every if r["metric"] == metric and r["train_set"] == train_set
+                               and r["sampler"] == at["sampler"])
+        for label in sorted(labels, key=lambda label: (label != WHOLE_TUMOUR, label)):
+            mark = " (primary)" if metric == primary["metric"] and label == primary["label"] else ""
+            wanted.append((f"{name}{mark}, {region(label)}",
+                           {"metric": metric, "train_set": train_set, "label": label, "class": "all", **at}))
+    fid = entry.get("fid") or {}
+    if fid.get("extractor") is not None:
+        wanted.append((f"FID ↓ {fid['extractor']} ({fid.get('view')}), class all", {
+            "metric": "fid", "extractor": fid["extractor"], "view": fid.get("view"), "class": "all",
+            "reference": fid.get("reference"), **at}))
+    wanted.append(("reward, raw total ↑ (its own reward)", {"metric": "reward_raw/total", **at}))
+    return [(label, fields) for label, fields in wanted if find_row(every, **fields) is not None]
+
+
+def mask_real_cell(entry: dict[str, Any], fields: dict[str, Any]) -> str:
+    """The real data beside a mask arm's row: held-out real volumes with their own masks (mask fidelity's ceiling),
+    segmenters trained on real pairs (segmentation utility); none for FID and the reward."""
+    if fields["metric"] not in (entry["primary"]["metric"], SEGMENTATION_METRIC):
+        return "–"
+    real = {k: v for k, v in fields.items() if k != "sampler"}  # the real records carry no sampler
+    return value_cell(find_row(entry["real"]["rows"], **{**real, "train_set": "real"}))
+
+
+def mask_sections(results: dict[str, Any]) -> list[str]:
+    """A section per mask arm: its numbers beside its baseline's and the real data's, and the paired difference."""
+    seeds = len(results["study"]["seeds"])
+    text = []
+    for arm in mask_arms(results["study"]):
+        entry = results["arms"][arm]
+        baseline, primary = entry["baseline"], entry["primary"]
+        lines = [[label, mask_real_cell(entry, fields), value_cell(find_row(baseline["rows"], **fields)),
+                  value_cell(find_row(entry["rows"], **fields)), difference_cell(find_row(entry["rows"], **fields))]
+                 for label, fields in mask_rows(entry)]
+        text += [f"### Mask arm {arm}: against {baseline['name']}", "",
+                 f"{arm} is fine-tuned under the ControlNet {baseline['checkpoint']} with {reward_cell(entry)}, and "
+                 f"compared with it ({baseline['name']!r}), not with the pretrained model: each seed's evaluation "
+                 f"({entry.get('evaluate_config') or 'the study’s'}) draws both from the same held-out masks with the "
+                 f"same seeds, so mask fidelity pairs volume by volume. Primary: {primary['metric']}, "
+                 f"{region(primary['label'])}, sampler {primary['sampler'] or '–'}. Real data: the held-out real "
+                 "volumes with their own masks (the ceiling), and segmenters trained on real pairs.", ""]
+        text += [f"**Problem:** {problem}.\n" for problem in entry.get("problems", [])]
+        header = ["metric", "real data", baseline["name"], f"{arm} ({len(entry['seeds_finished'])}/{seeds} seeds)",
+                  f"{arm} − {baseline['name']}"]
+        text += [markdown_table(header, lines) if lines else "No finished unit yet: nothing to tabulate.", ""]
+    return text
+
+
 def arms_table(results: dict[str, Any]) -> list[str]:
     """The arms: fine-tuner, reward components, configs, seeds finished and mean fine-tuning seconds per unit."""
     lines = []
     for arm in results["study"]["arms"]:
         entry = results["arms"][arm]
-        parts = "all (the full reward)" if entry["components"] is None else ", ".join(entry["components"])
+        parts = reward_cell(entry)
         seconds = entry.get("finetune_seconds")
         lines.append([arm, algorithm_name(entry.get("algorithm")), parts, ", ".join(entry.get("finetune_configs") or [])
                       or "–", f"{len(entry['seeds_finished'])}/{len(results['study']['seeds'])}",
@@ -141,7 +215,8 @@ def detail_table(rows: list[dict[str, Any]]) -> str:
         deltas = "–" if paired is None else ", ".join(
             f"{p['seed']}: {fmt(p['difference'], True)}" + (f" ({p['verdict']})" if p["verdict"] else "")
             for p in paired["per_seed"])
-        lines.append([row["metric"], row["extractor"] or "–", row["view"] or "–", row["class"] or "–",
+        metric = row["metric"] + (f" [{row['label'].replace('_', ' ')}]" if row.get("label") else "")
+        lines.append([metric, row["extractor"] or "–", row["view"] or "–", row["class"] or "–",
                       row["reference"] or row["train_set"] or "–", row["sampler"] or "–", per_seed, value_cell(row),
                       deltas, difference_cell(row).split(";")[0], paired["verdict"] if paired else "–"])
     return markdown_table(header, lines)
@@ -161,7 +236,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     study, units = results["study"], results["units"]
     primary = study["primary"]
     planned = len(study["arms"]) * len(study["seeds"])
-    text = [f"# msrl study: {len(study['arms'])} arms × {len(study['seeds'])} seeds against the pretrained model",
+    masks = mask_arms(study)
+    against = "the pretrained model" + (f" ({', '.join(masks)}: against their own baseline)" if masks else "")
+    text = [f"# msrl study: {len(study['arms'])} arms × {len(study['seeds'])} seeds against {against}",
             "", f"Finished units: {len(units['finished'])} of {planned}"
             + (f" ({len(units['missing'])} missing, listed at the end)." if units["missing"] else "."),
             f"Primary metric: {primary.get('metric', 'fid').upper()} with "
@@ -172,6 +249,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     text += [f"**Problem:** {problem}.\n" for problem in study.get("problems", [])] + ["## The paper's table", ""]
     text += arms_table(results)
     text += paper_tables(results) if units["finished"] else ["No unit has finished yet: nothing to tabulate.", ""]
+    text += mask_sections(results)
     text += ["Intervals over seeds are t-intervals (t₀.₉₇₅,ₙ₋₁; none with one seed). Per-seed paired intervals are "
              "the evaluation's: paired bootstrap over generated volumes for FID, the reward and class "
              "fidelity, over the held-out test volumes for utility accuracy (the classifier seeds averaged "
@@ -190,11 +268,14 @@ def results_markdown(results: dict[str, Any]) -> str:
         seconds = [u for u in units["finished"] if u["arm"] == arm]
         timing = "; ".join(f"seed {u['seed']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in (u["seconds"] or {}).items())
                            for u in seconds)
-        parts = "all (the full reward)" if entry["components"] is None else ", ".join(entry["components"])
-        text += [f"### {arm} ({algorithm_name(entry.get('algorithm'))}; components: {parts}; seeds finished: "
+        parts = ("components: " if entry.get("reward") is None else "") + reward_cell(entry)
+        text += [f"### {arm} ({algorithm_name(entry.get('algorithm'))}; {parts}; seeds finished: "
                  f"{entry['seeds_finished'] or 'none'})", "", f"Time: {timing or '–'}.", ""]
         if entry["rows"]:
             text += [detail_table(entry["rows"]), ""]
+        if "baseline" in entry and entry["baseline"]["rows"]:  # a mask arm: its own baseline, measured in its units
+            text += [f"#### {entry['baseline']['name']} (the baseline of {arm}; per seed from its unit)", "",
+                     detail_table(entry["baseline"]["rows"]), ""]
     text += ["## Missing units", ""]
     if units["missing"]:
         text.append(markdown_table(["arm", "seed", "state"], [[m["arm"], str(m["seed"]), m["state"]]

@@ -15,10 +15,16 @@ from typing import Any
 
 from lightning_modules.finetune import algorithm_names
 from msrl.evaluation.comparison import HIGHER_IS_BETTER_PREFIXES
+from msrl.evaluation.mask_fidelity import MASK_FIDELITY_METRIC, SEGMENTER_TRAIN_SET
 from msrl.evaluation.scores import SCHEMA_VERSION
+from msrl.evaluation.segmentation import WHOLE_TUMOUR
 from msrl.study.plan import PRETRAINED
 
-BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation
+BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation (a mask arm's: its own)
+# a mask arm's primary row: Dice of the real-trained segmenters on each volume against the mask it was drawn from,
+# the whole tumour, at its evaluation's sampler (msrl/evaluation/mask_fidelity.py)
+MASK_PRIMARY = {"metric": MASK_FIDELITY_METRIC, "label": WHOLE_TUMOUR, "train_set": SEGMENTER_TRAIN_SET,
+                "class": "all"}
 # label: the region of segmentation and mask-fidelity rows (None for every other metric)
 ROW_FIELDS = ("metric", "extractor", "view", "class", "reference", "train_set", "sampler", "label")
 Key = tuple  # a row's values of ROW_FIELDS
@@ -26,17 +32,19 @@ Key = tuple  # a row's values of ROW_FIELDS
 
 @dataclass
 class FinishedUnit:
-    """One finished arm × seed: its unit.json and its evaluation's records by row key."""
+    """One finished arm × seed: its unit.json and its evaluation's records by row key (`baseline`: those of the source
+    named `baseline_name`, the pretrained model or a mask arm's ControlNet)."""
 
     arm: str
     seed: int
     folder: Path
     info: dict[str, Any]
     evaluation: dict[str, Any]  # metrics.json as written
-    baseline: dict[Key, dict[str, Any]]  # the pretrained model's records (every sampler)
+    baseline: dict[Key, dict[str, Any]]  # the baseline's records (every sampler)
     candidate: dict[Key, dict[str, Any]]  # the arm's records
-    paired: dict[Key, dict[str, Any]]  # comparison records, arm − pretrained
+    paired: dict[Key, dict[str, Any]]  # comparison records, arm − baseline
     real: dict[Key, dict[str, Any]]  # the real data's records (utility trained on real, MS-SSIM)
+    baseline_name: str = BASELINE
 
 
 def row_key(row: dict[str, Any], sampler: str | None = None) -> Key:
@@ -72,6 +80,11 @@ def read_plan(out_dir: Path) -> dict[str, Any]:
     seeds = plan.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    for arm in arms:
+        baseline = arm.get("baseline")
+        if baseline is not None and not (isinstance(baseline, dict) and isinstance(baseline.get("name"), str)):
+            raise ValueError(f"{path}: arm {arm['name']!r}: 'baseline' must be {{'name': str, 'checkpoint': str}} "
+                             f"or absent, got {baseline!r}")
     if not isinstance(plan.get("primary", {}), dict):
         raise ValueError(f"{path}: 'primary' must be {{'metric', 'extractor', 'class'}}, got {plan['primary']!r}")
     return plan
@@ -80,6 +93,24 @@ def read_plan(out_dir: Path) -> dict[str, Any]:
 def trained_arms(plan: dict[str, Any]) -> list[str]:
     """The fine-tuned arms, in plan order (every arm but the pretrained model)."""
     return [arm["name"] for arm in plan["arms"] if arm["name"] != BASELINE]
+
+
+def arm_baseline(arm: dict[str, Any]) -> str:
+    """The source an arm of study.json is compared with: its own baseline's name (a mask arm's ControlNet), else
+    the pretrained model."""
+    return BASELINE if arm.get("baseline") is None else arm["baseline"]["name"]
+
+
+def pretrained_arms(study: dict[str, Any]) -> list[str]:
+    """The arms of results' "study" compared with the pretrained model: the paper's table, claims and forest plot."""
+    compared = study.get("compared_with") or {}
+    return [arm for arm in study["arms"] if compared.get(arm, BASELINE) == BASELINE]
+
+
+def mask_arms(study: dict[str, Any]) -> list[str]:
+    """The arms of results' "study" with their own baseline (a ControlNet): each reported on its own."""
+    compared = study.get("compared_with") or {}
+    return [arm for arm in study["arms"] if compared.get(arm, BASELINE) != BASELINE]
 
 
 def arm_algorithm(arm: dict[str, Any]) -> str | None:
@@ -108,6 +139,7 @@ def unit_folder(out_dir: Path, arm: str, seed: int) -> Path:
 def collect_units(out_dir: Path, plan: dict[str, Any]) -> tuple[list[FinishedUnit], list[dict[str, Any]]]:
     """The finished units (read) and the planned ones that are not, with what their folder holds."""
     finished, missing = [], []
+    baselines = {arm["name"]: arm_baseline(arm) for arm in plan["arms"]}
     for arm in trained_arms(plan):
         for seed in plan["seeds"]:
             folder = unit_folder(out_dir, arm, seed)
@@ -119,7 +151,7 @@ def collect_units(out_dir: Path, plan: dict[str, Any]) -> tuple[list[FinishedUni
             if info.get("arm") != arm or info.get("seed") != seed:
                 raise ValueError(f"{marker}: names arm {info.get('arm')!r}, seed {info.get('seed')!r}; its folder is "
                                  f"arm {arm!r}, seed {seed}")
-            finished.append(read_unit(folder, arm, seed, info))
+            finished.append(read_unit(folder, arm, seed, info, baselines[arm]))
     return finished, missing
 
 
@@ -140,8 +172,9 @@ def unit_state(folder: Path, info: dict[str, Any] | None) -> str:
     return "partial run: " + (", ".join(parts) if parts else "empty folder")
 
 
-def read_unit(folder: Path, arm: str, seed: int, info: dict[str, Any]) -> FinishedUnit:
-    """A finished unit's evaluation: the pretrained and the arm's records, their comparisons, the real data's."""
+def read_unit(folder: Path, arm: str, seed: int, info: dict[str, Any], baseline: str = BASELINE) -> FinishedUnit:
+    """A finished unit's evaluation: the baseline's (the pretrained model's, or a mask arm's ControlNet's) and the
+    arm's records, their comparisons, the real data's."""
     path = folder / "evaluation" / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder / 'unit.json'} says done, but {path} does not exist")
@@ -149,26 +182,46 @@ def read_unit(folder: Path, arm: str, seed: int, info: dict[str, Any]) -> Finish
     if evaluation.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {evaluation.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     models = {entry["name"]: entry.get("model", entry["name"]) for entry in evaluation.get("entries", [])}
-    records: dict[str, dict[Key, dict[str, Any]]] = {BASELINE: {}, arm: {}}
+    records: dict[str, dict[Key, dict[str, Any]]] = {baseline: {}, arm: {}}
     for entry in evaluation["entries"]:
         if models[entry["name"]] in records:
             records[models[entry["name"]]].update({row_key(row): row for row in entry["records"]})
     for name, rows in records.items():
         if not rows:
             raise ValueError(f"{path}: no entry of source {name!r} (entries: {sorted(models)}); a study unit "
-                             f"evaluates sources named {BASELINE!r} and {arm!r}")
+                             f"evaluates sources named {baseline!r} and {arm!r}")
     paired = {}
     for comparison in evaluation.get("comparisons", []):
-        if models.get(comparison["baseline"]) == BASELINE and models.get(comparison["candidate"]) == arm:
+        if models.get(comparison["baseline"]) == baseline and models.get(comparison["candidate"]) == arm:
             paired.update({row_key(row, comparison["sampler"]): row for row in comparison["records"]})
     real = {row_key(row): row for row in evaluation.get("real", {}).get("records", [])}
-    return FinishedUnit(arm, seed, folder, info, evaluation, records[BASELINE], records[arm], paired, real)
+    return FinishedUnit(arm, seed, folder, info, evaluation, records[baseline], records[arm], paired, real, baseline)
+
+
+def evaluated_alike(units: list[FinishedUnit]) -> list[str]:
+    """Every unit must be measured as the first (extractors, evaluation sampler, split), or its numbers do not pool."""
+    if not units:
+        return []
+    first = units[0].evaluation
+    setting = lambda e: (e.get("extractors"), e.get("samplers", {}).get("evaluation"),  # noqa: E731
+                         e.get("data", {}).get("real_split"))
+    return [f"{unit.arm} seed {unit.seed} was evaluated differently from {units[0].arm} seed {units[0].seed} "
+            f"(extractors {unit.evaluation.get('extractors')}, sampler "
+            f"{unit.evaluation.get('samplers', {}).get('evaluation')}, split "
+            f"{unit.evaluation.get('data', {}).get('real_split')})"
+            for unit in units[1:] if setting(unit.evaluation) != setting(first)]
+
+
+def main_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the arms compared with the pretrained model, and the pretrained model's (the paper's table)."""
+    return [row for arm in pretrained_arms(results["study"]) for row in results["arms"][arm]["rows"]] \
+        + results["pretrained"]["rows"]
 
 
 def row_sampler(results: dict[str, Any], **fields: Any) -> str | None:
     """The sampler a row is read at: the primary's, else the evaluation's (utility is drawn only there)."""
     study = results["study"]
-    every = [row for arm in results["arms"].values() for row in arm["rows"]] + results["pretrained"]["rows"]
+    every = main_rows(results)
     for sampler in (study["primary"].get("sampler"), study["samplers"].get("evaluation")):
         if find_row(every, **fields, sampler=sampler) is not None:
             return sampler
