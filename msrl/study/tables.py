@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from msrl.evaluation.fidelity import FIDELITY_METRIC
@@ -138,10 +139,9 @@ def mask_rows(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     every = entry["rows"] + entry["baseline"]["rows"]
     at = {"sampler": primary["sampler"]}
     wanted = []
-    for metric, train_set, name in ((primary["metric"], primary["train_set"], "mask fidelity ↑ (Dice of the "
-                                     "real-trained segmenters against each volume's mask)"),
-                                    (SEGMENTATION_METRIC, "synthetic", "segmentation utility ↑ (Dice, trained on "
-                                     "its synthetic pairs)")):
+    synthetic = "segmentation utility ↑ (trained on synthetic)"
+    for metric, train_set, name in ((primary["metric"], primary["train_set"], "mask fidelity ↑"),
+                                    (SEGMENTATION_METRIC, "synthetic", synthetic)):
         labels = dict.fromkeys(r["label"] for r in every if r["metric"] == metric and r["train_set"] == train_set
                                and r["sampler"] == at["sampler"])
         for label in sorted(labels, key=lambda label: (label != WHOLE_TUMOUR, label)):
@@ -154,7 +154,9 @@ def mask_rows(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             "metric": "fid", "extractor": fid["extractor"], "view": fid.get("view"), "class": "all",
             "reference": fid.get("reference"), **at}))
     wanted.append(("reward, raw total ↑ (its own reward)", {"metric": "reward_raw/total", **at}))
-    return [(label, fields) for label, fields in wanted if find_row(every, **fields) is not None]
+    return [(label, fields) for label, fields in wanted  # a region no volume showed has no number (NaN)
+            if any(row["mean"] is not None and math.isfinite(row["mean"]) for row in every
+                   if all(row.get(k) == v for k, v in fields.items()))]
 
 
 def mask_real_cell(entry: dict[str, Any], fields: dict[str, Any]) -> str:
@@ -180,9 +182,11 @@ def mask_sections(results: dict[str, Any]) -> list[str]:
                  f"{arm} is fine-tuned under the ControlNet {baseline['checkpoint']} with {reward_cell(entry)}, and "
                  f"compared with it ({baseline['name']!r}), not with the pretrained model: each seed's evaluation "
                  f"({entry.get('evaluate_config') or 'the study’s'}) draws both from the same held-out masks with the "
-                 f"same seeds, so mask fidelity pairs volume by volume. Primary: {primary['metric']}, "
-                 f"{region(primary['label'])}, sampler {primary['sampler'] or '–'}. Real data: the held-out real "
-                 "volumes with their own masks (the ceiling), and segmenters trained on real pairs.", ""]
+                 f"same seeds, so mask fidelity (the Dice of segmenters trained on real pairs between each volume "
+                 "and its mask) pairs volume by volume, its per-seed interval a paired bootstrap over the volumes "
+                 f"whose mask has the region. Primary: {primary['metric']}, {region(primary['label'])}, sampler "
+                 f"{primary['sampler'] or '–'}. Real data: the held-out real volumes with their own masks (the "
+                 "ceiling), and segmenters trained on real pairs.", ""]
         text += [f"**Problem:** {problem}.\n" for problem in entry.get("problems", [])]
         header = ["metric", "real data", baseline["name"], f"{arm} ({len(entry['seeds_finished'])}/{seeds} seeds)",
                   f"{arm} − {baseline['name']}"]
@@ -237,7 +241,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     primary = study["primary"]
     planned = len(study["arms"]) * len(study["seeds"])
     masks = mask_arms(study)
-    against = "the pretrained model" + (f" ({', '.join(masks)}: against their own baseline)" if masks else "")
+    against = "the pretrained model" + (f" (mask arms against their own baseline: {', '.join(masks)})" if masks else "")
     text = [f"# msrl study: {len(study['arms'])} arms × {len(study['seeds'])} seeds against {against}",
             "", f"Finished units: {len(units['finished'])} of {planned}"
             + (f" ({len(units['missing'])} missing, listed at the end)." if units["missing"] else "."),
