@@ -286,3 +286,30 @@ def test_a_mask_arm_that_loses_mask_fidelity_or_has_no_controlnet_rows(tmp_path:
     (study / "units/ppo_mask/seed_0/unit.json").unlink()
     text = results_markdown(study_results(study))
     assert "### Mask arm ppo_mask: against controlnet" in text and "No finished unit yet" in text
+
+
+def test_the_study_templates_commented_mask_arm_is_a_valid_arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """configs/study/template.yaml carries a mask arm commented out (`make study` does not run it): uncommented,
+    the plan parses through `msrl study`'s parser and pairs the arm with the ControlNet it fine-tunes under."""
+    from msrl.commands.study import build_parser
+
+    lines = (REPO / "configs/study/template.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  # - name: ppo_mask "))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("  #"))
+    uncommented = lines[:start] + [line.replace("  # ", "  ", 1) for line in lines[start:end]] + lines[end:]
+    config = tmp_path / "study.yaml"
+    config.write_text("\n".join(uncommented) + "\n")
+    monkeypatch.chdir(REPO)  # the template's paths are relative to the repository
+    args = build_parser().parse_args(["-c", str(config), "--out", str(tmp_path / "out")])
+    plan = StudyPlan(pretrained=args.pretrained, reward=args.reward, arms=list(args.arms), seeds=list(args.seeds),
+                     finetune_configs=list(args.finetune_configs), evaluate_config=args.evaluate_config,
+                     claims=dict(args.claims), primary=dict(args.primary))
+    arm = plan.arm("ppo_mask")
+    controlnet = "study_out/models/runs/controlnet/version_0/checkpoints/last.ckpt"
+    assert arm.baseline == {"name": "controlnet", "checkpoint": controlnet} and arm.components is None
+    assert arm.reward == "study_out/models/multiscale_mask.yaml" and arm.evaluate_config == MASK_EVALUATE.removeprefix(
+        f"{REPO}/")
+    plan.check_controlnet(arm)  # the baseline is the ControlNet its fine-tuning runs under
+    assert len(plan.arms) == 5 and [a.name for a in plan.arms][:4] == [a["name"] for a in yaml.safe_load(
+        (REPO / "configs/study/template.yaml").read_text())["arms"]]  # commented out, `make study` runs four
