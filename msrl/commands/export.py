@@ -1,5 +1,6 @@
 """`msrl export`: a pretrained, fine-tuned or ControlNet generator → a MONAI bundle with a model card, runnable
-without msrl (a ControlNet's bundle takes a lesion mask and writes each volume with the mask's affine)."""
+without msrl (the bundle of a ControlNet, or of a model fine-tuned under one, takes a lesion mask and writes each
+volume with the mask's affine)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ def build_parser() -> ArgumentParser:
     parser = command_parser("msrl export", "Write a MONAI bundle (configs, weights, sampler, model card) of a "
                                            "DiffusionModule or ControlNet checkpoint.")
     parser.add_argument("--checkpoint", type=str, required=True,
-                        help="a .ckpt of msrl pretrain, finetune or train-controlnet")
+                        help="a .ckpt of msrl pretrain, finetune or train-controlnet (fine-tuned under a ControlNet: "
+                             "its bundle takes masks and carries the recorded ControlNet)")
     parser.add_argument("--out", type=str, required=True, help="the bundle folder")
     parser.add_argument("--metrics", type=str | None, default=None,
                         help="metrics.json of msrl evaluate: its numbers and intervals go into the model card")
     parser.add_argument("--data-config", "--data_config", type=str | None, default=None,
                         help="a data YAML naming the training data (default: the run's config.yaml by checkpoints/)")
     parser.add_argument("--num-samples", "--num_samples", type=int, default=1,
-                        help="the bundle's default volumes per requested class (ControlNet: per mask)")
+                        help="the bundle's default volumes per requested class (a bundle taking masks: per mask)")
     parser.add_argument("--classes", type=list[int] | None, default=None,
-                        help="the bundle's default classes to draw (default: every class; not for a ControlNet, "
-                             "whose class is each mask's own or --label at run time)")
+                        help="the bundle's default classes to draw (default: every class; not for a bundle taking "
+                             "masks, whose class is each mask's own or --label at run time)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default of the bundle)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic)")
     parser.add_argument("--guidance-scale", "--guidance_scale", type=float, default=1.0,

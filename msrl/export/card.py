@@ -111,7 +111,9 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
              f"- diffusion: MONAI `DiffusionModelUNet` on {model['sample_shape']}, {model['prediction_type']}, "
              f"T = {model['num_train_timesteps']} (exact betas in `models/noise_schedule.pt`)",
              f"- exported weights: {info['exported_weights']}"]
-    if controlnet:
+    if info.get("mask_finetuning"):
+        text += mask_finetuned_model(info)
+    elif controlnet:
         base = info["base_checkpoint"]
         text += [f"- base: `{base['path']}` (sha256 `{base['sha256']}`, {base['kind']}); the ControlNet was trained "
                  "on its EMA weights, which the bundle carries", f"- ControlNet: MONAI `ControlNet`, conditioning "
@@ -143,6 +145,12 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
         text += [f"  - {c.get('name') or c['class_path']} (`{c['class_path']}`): {w}"
                  for c, w in zip(reward.get("components", []), weights_of, strict=False)]
         text += [f"  - network `{n.get('path')}` sha256 `{n.get('sha256')}`" for n in reward.get("networks", [])]
+        if info.get("mask_finetuning"):
+            masks = info["mask_finetuning"]
+            source = (masks["mask_data"] or {}).get("class_path") or "mask_data (its config not recorded)"
+            text.append(f"- masks: each rollout drawn from a lesion mask of the training split of `{source}` "
+                        f"({masks['pool_size']} masks, sha256 `{masks['pool_sha256']}`) of its class, through the "
+                        "ControlNet above; reward parts that read masks scored each volume against its own")
     text += ["", "## Sampler", "", "DDIM as `msrl sample` runs it (class c's volumes are `msrl sample --label c` at "
              "the same seed, steps, η, guidance and batch size); override any of these at run time:", ""]
     text += _bullets(sampler)
@@ -150,6 +158,19 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
     text += ["", "## Files", ""] + [f"- `{name}`: sha256 `{digest}`" for name, digest in weights.items()]
     text += ["", f"Exported by msrl {info['msrl']['version']} (commit `{info['msrl']['commit']}`).", ""]
     return "\n".join(text)
+
+
+def mask_finetuned_model(info: dict[str, Any]) -> list[str]:
+    """The card's Model lines of a model fine-tuned under a frozen ControlNet: that ControlNet and its base."""
+    masks, controlnet = info["mask_finetuning"], info["controlnet"]
+    return [f"- mask-fine-tuned: this UNet was fine-tuned ({info['finetuning']['algorithm']}) with every rollout "
+            f"drawn from a lesion mask through the frozen ControlNet `{masks['controlnet_checkpoint']}` (sha256 "
+            f"`{masks['controlnet_sha256']}`), whose EMA weights the bundle carries and adds to every prediction as "
+            "the rollouts did",
+            f"- ControlNet: MONAI `ControlNet` trained on `{controlnet['base_checkpoint']}` (sha256 "
+            f"`{controlnet['base_sha256']}`), conditioning {controlnet['conditioning']!r}, scale "
+            f"{controlnet['conditioning_scale']}, embedding channels {controlnet['embedding_channels']}; training "
+            f"settings `{json.dumps(controlnet['training'])}`"]
 
 
 MASK_LIMITATION = ("A mask asks for a lesion where the training data's lesions were; the ControlNet follows it only as "

@@ -163,12 +163,13 @@ def check_controlnet(arguments: dict[str, Any], state: dict[str, torch.Tensor]) 
 
 
 def mask_inference_config(module: ControlNetModule, first_stage: tuple[str, dict[str, Any]] | None,
-                          sampler: Sampler) -> dict[str, Any]:
-    """`configs/inference.json` of a ControlNet bundle: the base's networks plus the ControlNet and the mask rules.
+                          sampler: Sampler, model: DiffusionModule | None = None) -> dict[str, Any]:
+    """`configs/inference.json` of a ControlNet bundle: the networks of `model` (None: the ControlNet's base; else
+    one of the base's architecture, e.g. fine-tuned under the ControlNet) plus the ControlNet and the mask rules.
 
     Run it with `--mask seg.nii.gz` (a file or a folder); override `label`, `num_samples`, `seed`, … likewise.
     """
-    config = inference_config(module.base, first_stage, sampler)
+    config = inference_config(module.base if model is None else model, first_stage, sampler)
     del config["classes"]
     config["imports"] = [*config["imports"], "$import scripts.masks"]  # scripts/masks.py: msrl's mask_files
     config["output_dir"] = None  # None: each volume beside its mask
