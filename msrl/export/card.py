@@ -151,8 +151,10 @@ def readme(info: dict[str, Any], sampler: dict[str, Any], weights: dict[str, str
             text.append(f"- masks: each rollout drawn from a lesion mask of the training split of `{source}` "
                         f"({masks['pool_size']} masks, sha256 `{masks['pool_sha256']}`) of its class, through the "
                         "ControlNet above; reward parts that read masks scored each volume against its own")
-    text += ["", "## Sampler", "", "DDIM as `msrl sample` runs it (class c's volumes are `msrl sample --label c` at "
-             "the same seed, steps, η, guidance and batch size); override any of these at run time:", ""]
+    drawn = ("a mask's volumes are those `msrl sample --mask` writes for it" if controlnet else
+             "class c's volumes are `msrl sample --label c`'s")
+    text += ["", "## Sampler", "", f"DDIM as `msrl sample` runs it ({drawn} at the same seed, steps, η, guidance and "
+             "batch size); override any of these at run time:", ""]
     text += _bullets(sampler)
     text += ["", "## Evaluation", ""] + evaluation_section(metrics)
     text += ["", "## Files", ""] + [f"- `{name}`: sha256 `{digest}`" for name, digest in weights.items()]
