@@ -31,7 +31,9 @@ from msrl.study.plan import Arm, StudyPlan, write_plan
 from msrl.study.runner import evaluate_command, finetune_command
 from msrl.study.tables import results_markdown
 from tests.conftest import REPO
+from tests.lightning_modules.test_finetune_masks import _controlnet as _tiny_controlnet
 from tests.msrl.test_study_aggregate import CACHE, GOOD, N, _distribution, _metrics_text
+from tests.rewards.test_mask_reward import segmenter_checkpoint  # noqa: F401  (a fixture)
 
 MASK_REWARD = str(REPO / "configs/rewards/multiscale_mask.yaml")
 MASK_FINETUNE = str(REPO / "configs/finetune/template_mask.yaml")
@@ -313,3 +315,46 @@ def test_the_study_templates_commented_mask_arm_is_a_valid_arm(tmp_path: Path, m
     plan.check_controlnet(arm)  # the baseline is the ControlNet its fine-tuning runs under
     assert len(plan.arms) == 5 and [a.name for a in plan.arms][:4] == [a["name"] for a in yaml.safe_load(
         (REPO / "configs/study/template.yaml").read_text())["arms"]]  # commented out, `make study` runs four
+
+
+@pytest.mark.slow  # a mask-conditioned PPO run and an evaluation with segmenters, as subprocesses (~60 s)
+def test_a_mask_arm_unit_runs_end_to_end(tmp_path: Path, cohort_cache: Path, latent_checkpoint: Path,
+                                         segmenter_checkpoint: Path) -> None:  # noqa: F811
+    """One unit of a mask arm through the real `msrl finetune` and `msrl evaluate` (tiny 16³ models): fine-tuned
+    under the ControlNet with the mask reward, evaluated against that ControlNet, aggregated into its section."""
+    controlnet = _tiny_controlnet(latent_checkpoint, tmp_path / "tiny_controlnet.ckpt")
+    reward = tmp_path / "mask_reward.yaml"
+    reward.write_text(yaml.safe_dump({"class_path": "rewards.MultiScaleReward", "init_args": {
+        "components": [{"class_path": "rewards.MaskFidelityReward",
+                        "init_args": {"checkpoint": str(segmenter_checkpoint), "name": "mask_fidelity"}}],
+        "weights": [1.0], "normalise": False}}))
+    cohort = {"num_subjects": "8", "spatial_size": "16", "cache_dir": str(cohort_cache), "val_fraction": "0.25",
+              "test_fraction": "0.25"}
+    finetune = [*[a for k, v in cohort.items() for a in (f"--model.mask_data.init_args.{k}", v)],
+                "--model.num_steps", "3", "--model.samples_per_iteration", "2", "--model.micro_batch_size", "2",
+                "--model.iterations_per_epoch", "1", "--model.image_every_n_iterations", "0",
+                "--trainer.max_epochs", "1", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+                "--model.controlnet_checkpoint", str(controlnet)]
+    evaluate = [*[a for k, v in cohort.items() for a in (f"--data.init_args.{k}", v)], "--num_samples", "4",
+                "--steps", "2", "--bootstrap", "4", "--kid_subsets", "4", "--ms_ssim_pairs", "4",
+                "--paired_bootstrap", "20", "--batch_size", "2", "--segmentation.blocks_down", "[1]",
+                "--segmentation.steps", "3", "--segmentation.batch_size", "2", "--segmentation.downsample", "1"]
+    arm = Arm("ppo_mask", reward=str(reward), finetune_configs=[MASK_FINETUNE], finetune_args=finetune,
+              baseline={"name": "controlnet", "checkpoint": str(controlnet)}, evaluate_config=MASK_EVALUATE,
+              evaluate_args=evaluate)
+    plan = _plan(tmp_path, [arm], pretrained=str(latent_checkpoint), evaluate_args=[])
+    out = tmp_path / "study"
+    main(["study", "--pretrained", plan.pretrained, "--reward", plan.reward, "--arms", json.dumps([
+        {key: getattr(arm, key) for key in ("name", "reward", "finetune_configs", "finetune_args", "baseline",
+                                            "evaluate_config", "evaluate_args")}]),
+          "--seeds", "[0]", "--finetune_configs", json.dumps(plan.finetune_configs), "--evaluate_config",
+          plan.evaluate_config, "--out", str(out)])
+    metrics = json.loads((out / "units/ppo_mask/seed_0/evaluation/metrics.json").read_text())
+    assert [(c["baseline"], c["candidate"]) for c in metrics["comparisons"]] == [("controlnet", "ppo_mask")]
+    results = json.loads((out / "results.json").read_text())
+    entry = results["arms"]["ppo_mask"]
+    row = _row(entry["rows"], metric=MASK_FIDELITY_METRIC, label=WHOLE_TUMOUR, sampler=entry["primary"]["sampler"])
+    assert row["paired"]["num_seeds"] == 1 and row["paired"]["per_seed"][0]["verdict"] is not None
+    assert _row(entry["baseline"]["rows"], metric=MASK_FIDELITY_METRIC, label=WHOLE_TUMOUR)["from_arms"] == [
+        "ppo_mask"]
+    assert not entry["problems"] and "### Mask arm ppo_mask: against controlnet" in (out / "results.md").read_text()
