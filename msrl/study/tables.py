@@ -252,7 +252,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             "model with the same sampling seeds (paired); the evaluation seed differs per study seed.", ""]
     text += [f"**Problem:** {problem}.\n" for problem in study.get("problems", [])] + ["## The paper's table", ""]
     text += arms_table(results)
-    text += paper_tables(results) if units["finished"] else ["No unit has finished yet: nothing to tabulate.", ""]
+    compared = [u for u in units["finished"] if u["arm"] in pretrained_arms(study)]  # a mask arm's are its own
+    empty = "No unit has finished yet" if not units["finished"] else "No arm compared with pretrained has finished"
+    text += paper_tables(results) if compared else [f"{empty}: nothing to tabulate.", ""]
     text += mask_sections(results)
     text += ["Intervals over seeds are t-intervals (t₀.₉₇₅,ₙ₋₁; none with one seed). Per-seed paired intervals are "
              "the evaluation's: paired bootstrap over generated volumes for FID, the reward and class "
