@@ -19,7 +19,8 @@ import torch
 from datamodules.base import VolumeDataModule
 from msrl.commands.evaluate_sources import Heldout, Sampler, SourceVolumes, assign_masks, real_masks, real_volumes
 from msrl.evaluation.mask_fidelity import mask_fidelity_records
-from msrl.evaluation.segmentation import MaskedVolumes, SegmentationProtocol, Segmenter, segmentation_records
+from msrl.evaluation.segmentation import SegmentationProtocol, segmentation_records
+from msrl.evaluation.segmenter import MaskedVolumes, Segmenter
 from msrl.evaluation.utility import LabelledVolumes
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,8 @@ from msrl.evaluation.scores import (
     reward_records,
     utility_records,
 )
-from msrl.evaluation.segmentation import MaskedVolumes, SegmentationProtocol
+from msrl.evaluation.segmentation import SegmentationProtocol
+from msrl.evaluation.segmenter import MaskedVolumes
 from msrl.evaluation.utility import UTILITY_METRICS, LabelledVolumes, UtilityProtocol
 
 log = logging.getLogger(__name__)

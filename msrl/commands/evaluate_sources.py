@@ -32,7 +32,7 @@ from lightning_modules.diffusion.module import DiffusionModule
 from lightning_modules.finetune import REWARD_KEY, ROLLOUT_KEY
 from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.evaluation.extractors import file_digest
-from msrl.evaluation.segmentation import MaskedVolumes
+from msrl.evaluation.segmenter import MaskedVolumes
 from msrl.evaluation.utility import LabelledVolumes
 from msrl.samples import (
     MaskFinetuned,

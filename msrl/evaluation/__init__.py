@@ -15,7 +15,8 @@ from msrl.evaluation.extractors import (
     SliceExtractor,
 )
 from msrl.evaluation.heldout_guard import HeldoutFIDGuard
-from msrl.evaluation.segmentation import MaskedVolumes, SegmentationProtocol, Segmenter
+from msrl.evaluation.segmentation import SegmentationProtocol
+from msrl.evaluation.segmenter import MaskedVolumes, Segmenter
 from msrl.evaluation.utility import LabelledVolumes, UtilityProtocol
 
 __all__ = ["ClassifierFeatureExtractor", "FeatureExtractor", "HeldoutFIDGuard", "InDomainExtractor", "LabelledVolumes",

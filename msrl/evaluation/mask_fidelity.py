@@ -24,13 +24,7 @@ from torch import nn
 
 from msrl.evaluation.metrics import bootstrap_mean_estimate
 from msrl.evaluation.scores import record
-from msrl.evaluation.segmentation import (
-    SEGMENTATION_LABELS,
-    WHOLE_TUMOUR,
-    MaskedVolumes,
-    dice_per_volume,
-    predict_masks,
-)
+from msrl.evaluation.segmenter import SEGMENTATION_LABELS, WHOLE_TUMOUR, MaskedVolumes, dice_per_volume, predict_masks
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from typing import Any
 from msrl.evaluation.comparison import beyond_interval
 from msrl.evaluation.fidelity import FIDELITY_METRIC
 from msrl.evaluation.mask_fidelity import MASK_FIDELITY_METRIC
-from msrl.evaluation.segmentation import SEGMENTATION_METRIC, TRAIN_SETS, WHOLE_TUMOUR
+from msrl.evaluation.segmentation import SEGMENTATION_METRIC, TRAIN_SETS
+from msrl.evaluation.segmenter import WHOLE_TUMOUR
 
 REGION_NAMES = {"1": "core (1)", "2": "oedema (2)", "4": "enhancing (4)", WHOLE_TUMOUR: "whole tumour"}
 

@@ -6,7 +6,8 @@ import math
 from typing import Any
 
 from msrl.evaluation.fidelity import FIDELITY_METRIC
-from msrl.evaluation.segmentation import SEGMENTATION_METRIC, WHOLE_TUMOUR
+from msrl.evaluation.segmentation import SEGMENTATION_METRIC
+from msrl.evaluation.segmenter import WHOLE_TUMOUR
 from msrl.evaluation.tables import markdown_table
 from msrl.study.units import algorithm_name, find_row, main_rows, mask_arms, pretrained_arms, row_sampler
 

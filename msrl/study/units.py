@@ -17,7 +17,7 @@ from lightning_modules.finetune import algorithm_names
 from msrl.evaluation.comparison import HIGHER_IS_BETTER_PREFIXES
 from msrl.evaluation.mask_fidelity import MASK_FIDELITY_METRIC, SEGMENTER_TRAIN_SET
 from msrl.evaluation.scores import SCHEMA_VERSION
-from msrl.evaluation.segmentation import WHOLE_TUMOUR
+from msrl.evaluation.segmenter import WHOLE_TUMOUR
 from msrl.study.plan import PRETRAINED
 
 BASELINE = PRETRAINED  # the source name of the pretrained model in every unit's evaluation (a mask arm's: its own)

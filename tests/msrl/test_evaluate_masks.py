@@ -190,7 +190,7 @@ def test_study_rows_keep_the_regions_of_one_metric_apart() -> None:
 def test_the_figure_shows_the_real_volume_first_then_each_source_drawn_from_the_same_masks() -> None:
     from msrl.commands.evaluate_masks import contour_panels
     from msrl.commands.evaluate_sources import Heldout, Sampler, SourceVolumes
-    from msrl.evaluation.segmentation import MaskedVolumes
+    from msrl.evaluation.segmenter import MaskedVolumes
     from msrl.evaluation.utility import LabelledVolumes
 
     masks = torch.zeros(3, 1, 8, 8, 8, dtype=torch.uint8)

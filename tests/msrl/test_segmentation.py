@@ -13,14 +13,12 @@ from msrl.evaluation.comparison import beyond_interval, paired_records
 from msrl.evaluation.mask_fidelity import MASK_FIDELITY_METRIC, mask_fidelity_records
 from msrl.evaluation.segmentation import (
     SEGMENTATION_METRIC,
-    MaskedVolumes,
     SegmentationProtocol,
-    Segmenter,
-    class_indices,
-    dice_per_volume,
+    batch_indices,
     segmentation_records,
     utility_train_sets,
 )
+from msrl.evaluation.segmenter import MaskedVolumes, Segmenter, class_indices, dice_per_volume
 
 SIZE = 32  # volumes 32³, the segmenter sees them average-pooled to 16³
 FAST = dict(blocks_down=(1, 2, 2), steps=40, batch_size=4, lr=1e-2, seeds=(0,))  # three scales: 16³ blobs
@@ -107,6 +105,24 @@ def test_mask_values_that_are_not_labels_are_refused() -> None:
         Segmenter(1)(torch.zeros(1, 1, 24, 24, 24))
     with pytest.raises(ValueError, match="masks"):
         MaskedVolumes(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 4, 4, 4))
+
+
+def test_every_batch_holds_its_lesion_volumes_and_each_kind_cycles_through_its_passes() -> None:
+    lesion = torch.tensor([True, False, True, False, False, True, False, False])  # 3 lesion volumes, 5 without
+    batches = list(batch_indices(lesion, steps=15, batch_size=4, lesions_per_batch=2,
+                                 generator=torch.Generator().manual_seed(0)))
+    assert len(batches) == 15 and all(len(batch) == 4 for batch in batches)
+    assert all(int(lesion[batch].sum()) == 2 for batch in batches)
+    taken = torch.cat(batches)
+    with_lesion, without = taken[lesion[taken]], taken[~lesion[taken]]
+    for pool, drawn in ((torch.tensor([0, 2, 5]), with_lesion), (torch.tensor([1, 3, 4, 6, 7]), without)):
+        passes = drawn[: len(drawn) // len(pool) * len(pool)].view(-1, len(pool))
+        assert all(sorted(p.tolist()) == pool.tolist() for p in passes)  # every full pass is a permutation
+    assert len({tuple(p.tolist()) for p in with_lesion[:15].view(-1, 3)}) > 1  # reshuffled between passes
+    # a set of one kind fills the whole batch with it
+    for only in (torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)):
+        batches = list(batch_indices(only, 3, 4, 2, torch.Generator().manual_seed(0)))
+        assert all(len(batch) == 4 for batch in batches)
 
 
 def test_a_real_trained_segmenter_finds_held_out_blobs(real_segmenter: Segmenter) -> None:

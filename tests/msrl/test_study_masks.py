@@ -19,13 +19,8 @@ import yaml
 from msrl.cli import main
 from msrl.evaluation.comparison import paired_distribution, paired_records
 from msrl.evaluation.mask_fidelity import MASK_FIDELITY_METRIC, mask_fidelity_records
-from msrl.evaluation.segmentation import (
-    SEGMENTATION_METRIC,
-    WHOLE_TUMOUR,
-    MaskedVolumes,
-    SegmentationProtocol,
-    segmentation_records,
-)
+from msrl.evaluation.segmentation import SEGMENTATION_METRIC, SegmentationProtocol, segmentation_records
+from msrl.evaluation.segmenter import WHOLE_TUMOUR, MaskedVolumes
 from msrl.study import study_results, write_study_results
 from msrl.study.plan import Arm, StudyPlan, write_plan
 from msrl.study.runner import evaluate_command, finetune_command

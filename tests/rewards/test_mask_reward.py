@@ -10,7 +10,7 @@ import torch
 
 from datamodules.digest import sha256_of
 from lightning_modules.critics import SegmenterModule, one_hot_masks, soft_dice
-from msrl.evaluation.segmentation import dice_per_volume
+from msrl.evaluation.segmenter import dice_per_volume
 from rewards import (
     InterSliceContinuityReward,
     MaskFidelityReward,
