@@ -67,7 +67,7 @@ class SegmentationProtocol:
     """
 
     init_filters: int = 8
-    blocks_down: Sequence[int] = (1, 2, 2, 4)
+    blocks_down: Sequence[int] = (1, 2, 2)
     downsample: int = 2
     steps: int = 300
     batch_size: int = 4

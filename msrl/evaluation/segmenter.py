@@ -95,7 +95,7 @@ class Segmenter(nn.Module):
     """
 
     def __init__(self, in_channels: int, labels: Sequence[int] = SEGMENTATION_LABELS, init_filters: int = 8,
-                 blocks_down: Sequence[int] = (1, 2, 2, 4), downsample: int = 2) -> None:
+                 blocks_down: Sequence[int] = (1, 2, 2), downsample: int = 2) -> None:
         super().__init__()
         if init_filters < 8 or init_filters % 8:
             raise ValueError(f"init_filters must be a positive multiple of 8 (group norm), got {init_filters}")

@@ -101,8 +101,8 @@ def test_mask_values_that_are_not_labels_are_refused() -> None:
         dice_per_volume(_masks((255, slice(0, 1))), _masks())
     indices = class_indices(_masks((1, slice(0, 1)), (2, slice(1, 2)), (4, slice(2, 3))))
     assert indices[0, 0, :4, 0, 0].tolist() == [1, 2, 3, 0]
-    with pytest.raises(ValueError, match="multiples of 16"):  # pooled by 2, then halved three times
-        Segmenter(1)(torch.zeros(1, 1, 24, 24, 24))
+    with pytest.raises(ValueError, match="multiples of 8"):  # pooled by 2, then halved twice (three scales)
+        Segmenter(1)(torch.zeros(1, 1, 20, 20, 20))
     with pytest.raises(ValueError, match="masks"):
         MaskedVolumes(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 4, 4, 4))
 
