@@ -8,12 +8,7 @@ one class each beside background 0. Each training set is trained with several se
 number is the mean Dice over the held-out volumes per label and for the whole tumour (every label
 > 0), reported as mean, std and t-quantile 95 % interval over the seeds (`mean_t_ci`).
 
-Dice of one volume is 2|P ∩ M| / (|P| + |M|). It is NaN where the region is absent from both the
-prediction and the mask: nothing to find and nothing found says nothing about the segmenter, and
-counting it as 1 would let lesion-free volumes inflate the mean. A region in only one of the two
-gives 0 (a missed or a hallucinated lesion). Means over volumes leave the NaNs out.
-
-The segmenter (`Segmenter`, MONAI's SegResNet) is trained here from scratch: no reward network's
+The segmenter (msrl/evaluation/segmenter.py, where Dice is defined) is trained here from scratch: no reward network's
 weights enter it, so the evaluation does not measure what a reward was trained to see.
 """
 

@@ -4,6 +4,11 @@
 volumes) predicts one class per label code beside background, `predict_masks` turns its logits into
 label maps and `dice_per_volume` scores them. How it is trained is msrl/evaluation/segmentation.py's
 `SegmentationProtocol`.
+
+Dice of one volume is 2|P ∩ M| / (|P| + |M|). It is NaN where the region is absent from both the
+prediction and the mask: nothing to find and nothing found says nothing about the segmenter, and
+counting it as 1 would let lesion-free volumes inflate the mean. A region in only one of the two
+gives 0 (a missed or a hallucinated lesion). Means over volumes leave the NaNs out.
 """
 
 from __future__ import annotations
