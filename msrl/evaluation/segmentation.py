@@ -27,6 +27,7 @@ from lightning_modules.critics.networks import random_flips
 from msrl.evaluation.metrics import Estimate, mean_t_ci
 from msrl.evaluation.scores import record
 from msrl.evaluation.segmenter import (
+    NORMS,
     SEGMENTATION_LABELS,
     MaskedVolumes,
     Segmenter,
@@ -47,6 +48,7 @@ class SegmentationProtocol:
         init_filters: the segmenter's first width.
         blocks_down: residual blocks per encoder scale.
         downsample: average-pooling factor of the volumes before the segmenter.
+        norm: the segmenter's normalisation, "batch" or "group" (`Segmenter`).
         steps: optimiser steps, whatever the training set's size (batches cycle through shuffled passes).
         batch_size: volumes per step.
         lr: AdamW peak learning rate (one-cycle schedule).
@@ -61,9 +63,10 @@ class SegmentationProtocol:
             equal one process's up to float rounding).
     """
 
-    init_filters: int = 8
+    init_filters: int = 16
     blocks_down: Sequence[int] = (1, 2, 2)
     downsample: int = 2
+    norm: str = "batch"
     steps: int = 300
     batch_size: int = 4
     lr: float = 3e-3
@@ -79,6 +82,8 @@ class SegmentationProtocol:
                 raise ValueError(f"segmentation.{key} must be >= 1, got {getattr(self, key)}")
         if len(self.seeds) == 0:
             raise ValueError("segmentation.seeds must name at least one seed")
+        if self.norm not in NORMS:
+            raise ValueError(f"segmentation.norm must be one of {sorted(NORMS)}, got {self.norm!r}")
         if len(self.labels) == 0 or 0 in self.labels or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"segmentation.labels must be distinct non-zero codes, got {list(self.labels)}")
 
@@ -88,7 +93,8 @@ class SegmentationProtocol:
             raise ValueError("a segmentation training set needs at least one volume, got none")
         targets = class_indices(data.masks, self.labels).float()
         torch.manual_seed(seed)  # the initialisation
-        network = Segmenter(data.volumes.shape[1], self.labels, self.init_filters, self.blocks_down, self.downsample)
+        network = Segmenter(data.volumes.shape[1], self.labels, self.init_filters, self.blocks_down, self.downsample,
+                            self.norm)
         # batch=True: Dice over the whole batch, so a label missing from one volume leaves no 0/0 term
         loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         optimiser = torch.optim.AdamW(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)

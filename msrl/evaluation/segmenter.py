@@ -23,6 +23,8 @@ from torch import nn
 
 SEGMENTATION_LABELS = (1, 2, 4)  # BraTS: necrotic core, oedema, enhancing rim
 WHOLE_TUMOUR = "whole_tumour"  # every label > 0
+# the segmenter's normalisation layers, as MONAI names them; "group" is 8 groups (one channel each at width 8)
+NORMS = {"batch": ("BATCH", {}), "group": ("GROUP", {"num_groups": 8})}
 
 
 @dataclass
@@ -93,24 +95,29 @@ class Segmenter(nn.Module):
     Args:
         in_channels: image channels.
         labels: the label codes it segments, one output class each after background.
-        init_filters: SegResNet's first width, doubled at each scale; a multiple of 8 (group norm, 8 groups).
+        init_filters: SegResNet's first width, doubled at each scale; a multiple of 8 with "group" norm.
         blocks_down: residual blocks at each encoder scale (its length is the number of scales).
         downsample: average-pooling factor of the input (64³ → 32³ with 2): a lesion spans many
             voxels, and a CPU trains ~8× faster.
+        norm: "batch" (running statistics at test time) or "group" (8 groups). At width 8 a group is one
+            channel, so group norm rescales each feature map by its own volume's statistics and a large
+            bright lesion moves them; batch norm keeps the intensity scale the volumes share.
     """
 
     def __init__(self, in_channels: int, labels: Sequence[int] = SEGMENTATION_LABELS, init_filters: int = 8,
-                 blocks_down: Sequence[int] = (1, 2, 2), downsample: int = 2) -> None:
+                 blocks_down: Sequence[int] = (1, 2, 2), downsample: int = 2, norm: str = "batch") -> None:
         super().__init__()
-        if init_filters < 8 or init_filters % 8:
-            raise ValueError(f"init_filters must be a positive multiple of 8 (group norm), got {init_filters}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+        if init_filters < 1 or (norm == "group" and init_filters % 8):
+            raise ValueError(f"init_filters must be positive (a multiple of 8 with group norm), got {init_filters}")
         if downsample < 1 or not blocks_down:
             raise ValueError(f"need downsample >= 1 and at least one scale, got {downsample} and {list(blocks_down)}")
         self.labels, self.downsample = tuple(labels), downsample
         self.stride = downsample * 2 ** (len(blocks_down) - 1)  # the input side must be a multiple of it
         self.network = SegResNet(spatial_dims=3, init_filters=init_filters, in_channels=in_channels,
                                  out_channels=len(self.labels) + 1, blocks_down=tuple(blocks_down),
-                                 blocks_up=(1,) * (len(blocks_down) - 1), norm=("GROUP", {"num_groups": 8}))
+                                 blocks_up=(1,) * (len(blocks_down) - 1), norm=NORMS[norm])
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         """Logits [N, len(labels) + 1, S, S, S] of volumes [N, C, S, S, S] in [-1, 1]."""

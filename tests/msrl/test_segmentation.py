@@ -18,10 +18,10 @@ from msrl.evaluation.segmentation import (
     segmentation_records,
     utility_train_sets,
 )
-from msrl.evaluation.segmenter import MaskedVolumes, Segmenter, class_indices, dice_per_volume
+from msrl.evaluation.segmenter import MaskedVolumes, Segmenter, class_indices, dice_per_volume, predict_masks
 
 SIZE = 32  # volumes 32³, the segmenter sees them average-pooled to 16³
-FAST = dict(blocks_down=(1, 2, 2), steps=40, batch_size=4, lr=1e-2, seeds=(0,))  # three scales: 16³ blobs
+FAST = dict(init_filters=8, blocks_down=(1, 2, 2), steps=40, batch_size=4, lr=3e-3, seeds=(0,))  # three scales: 16³ blobs
 INTENSITY = {0: -0.8, 1: 0.1, 2: 0.8}  # background, a dark lesion (label 1), a bright one (label 2)
 
 
@@ -136,13 +136,33 @@ def test_a_real_trained_segmenter_finds_held_out_blobs(real_segmenter: Segmenter
     assert rows["whole_tumour"]["value"] == pytest.approx(means["whole_tumour"])
 
 
+def test_a_batch_norm_segmenter_judges_each_volume_alone(real_segmenter: Segmenter) -> None:
+    # trained with batch norm (the default), it predicts with running statistics: a volume's labels must not
+    # depend on which other volumes share its forward pass (they would if predict_masks left it in train mode)
+    assert any(isinstance(m, nn.BatchNorm3d) for m in real_segmenter.modules())
+    data = _blobs(4, seed=2, empty=2)
+    together = predict_masks(real_segmenter, data.volumes, batch_size=4)
+    alone = torch.cat([predict_masks(real_segmenter, volume[None], batch_size=1) for volume in data.volumes])
+    assert torch.equal(together, alone)
+
+
+def test_unknown_norms_are_refused_by_key() -> None:
+    with pytest.raises(ValueError, match="segmentation.norm"):
+        SegmentationProtocol(norm="layer")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Segmenter(1, init_filters=12, norm="group")
+    assert any(isinstance(m, nn.GroupNorm) for m in Segmenter(1, norm="group").modules())
+    assert Segmenter(1, init_filters=12)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 4, 16, 16, 16)
+
+
 def test_utility_train_sets_rank_a_mislabelling_generator_below_the_real_data() -> None:
     real, test = _blobs(16, seed=0), _blobs(6, seed=1)
     swapped = MaskedVolumes(real.volumes, torch.where(real.masks == 1, 2, torch.where(real.masks == 2, 1, 0))
                             .to(torch.uint8))  # a generator that draws core and surround the wrong way round
     sets = utility_train_sets(real, swapped)
     assert list(sets) == ["real", "synthetic", "real+synthetic"] and len(sets["real+synthetic"].volumes) == 32
-    protocol = SegmentationProtocol(**{**FAST, "seeds": (0, 1), "steps": 30})
+    # group norm learns these blobs in 30 steps at lr 1e-2; batch norm needs a lower rate and more steps
+    protocol = SegmentationProtocol(**{**FAST, "norm": "group", "lr": 1e-2, "seeds": (0, 1), "steps": 30})
     results = protocol.evaluate({"real": real, "synthetic": swapped}, test)
     assert results["synthetic"]["2"].value < 0.2 < 0.5 < results["real"]["2"].value, results
     assert results["synthetic"]["whole_tumour"].value > 0.5  # the lesion is still found, only labelled wrong
