@@ -21,7 +21,7 @@ from msrl.evaluation.segmentation import (
 from msrl.evaluation.segmenter import MaskedVolumes, Segmenter, class_indices, dice_per_volume, predict_masks
 
 SIZE = 32  # volumes 32³, the segmenter sees them average-pooled to 16³
-FAST = dict(init_filters=8, blocks_down=(1, 2, 2), steps=40, batch_size=4, lr=3e-3, seeds=(0,))  # three scales: 16³ blobs
+FAST = dict(init_filters=8, blocks_down=(1, 2, 2), steps=40, batch_size=4, lr=3e-3, seeds=(0,))  # 16³ blobs
 INTENSITY = {0: -0.8, 1: 0.1, 2: 0.8}  # background, a dark lesion (label 1), a bright one (label 2)
 
 
