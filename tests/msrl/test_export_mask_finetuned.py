@@ -8,21 +8,17 @@ import json
 import shutil
 from pathlib import Path
 
-import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from datamodules import TemplateCohortDataModule
 from datamodules.digest import sha256_of
-from lightning_modules import DiffusionModule, PPOFinetuneModule
+from lightning_modules import DiffusionModule
 from lightning_modules.finetune.masks import MASKS_KEY
 from msrl.cli import main
-from rewards import InterSliceContinuityReward, MaskFidelityReward, MultiScaleReward
-from tests.msrl.test_evaluate_masks import _controlnet
 from tests.msrl.test_export import TOLERANCE, _run, pretrained_kl_checkpoint, python_without_msrl  # noqa: F401
-from tests.msrl.test_mask_finetuned import _reward_config
+from tests.msrl.test_mask_finetuned import finetuned_under_controlnet, save_module
 from tests.msrl.test_sample_mask import AFFINE, lesion_mask, save_mask
 from tests.rewards.test_mask_reward import segmenter_checkpoint  # noqa: F401  (a fixture)
 
@@ -35,26 +31,11 @@ def checkpoints(pretrained_kl_checkpoint: Path, cohort_cache: Path, segmenter_ch
     """A perturbed ControlNet of the random KL latent model, and a LoRA PPO checkpoint fine-tuned under it whose
     adapters (B, zero at the start) are perturbed: its merged UNet is not the base's."""
     folder = tmp_path_factory.mktemp("mask_finetuned_export")
-    controlnet = _controlnet(pretrained_kl_checkpoint, folder / "controlnet.ckpt", 0.5)
-    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, val_fraction=0.25,
-                                    test_fraction=0.25)
-    reward = MultiScaleReward([InterSliceContinuityReward(), MaskFidelityReward(str(segmenter_checkpoint))],
-                              normalise=False)
-    module = PPOFinetuneModule(str(pretrained_kl_checkpoint), reward, controlnet_checkpoint=str(controlnet),
-                               mask_data=data, num_steps=3, samples_per_iteration=2, iterations_per_epoch=1,
-                               lora_rank=2)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, value in module.state_dict(keep_vars=True).items():
-            if ".lora_B" in name:
-                value.add_(0.2 * torch.randn(value.shape, generator=generator))
-    module.reward_config = _reward_config(segmenter_checkpoint)  # what `msrl finetune` records from its config
+    controlnet, module = finetuned_under_controlnet(pretrained_kl_checkpoint, cohort_cache, segmenter_checkpoint,
+                                                    folder, lora_rank=2, lora_b=0.2)
     module.mask_record["mask_data"] = {"class_path": "datamodules.TemplateCohortDataModule",
                                        "init_args": {"num_subjects": 8, "spatial_size": 16}}
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(folder / "finetuned.ckpt")
-    return controlnet, folder / "finetuned.ckpt"
+    return controlnet, save_module(module, folder / "finetuned.ckpt")
 
 
 def _masks(folder: Path) -> Path:

@@ -38,6 +38,40 @@ def _reward_config(segmenter: Path) -> dict:
         {"class_path": "rewards.MaskFidelityReward", "init_args": {"checkpoint": str(segmenter)}}]}}
 
 
+def finetuned_under_controlnet(pretrained: Path, cohort_cache: Path, segmenter: Path, folder: Path,
+                               lora_rank: int | None = None, lora_b: float = 0.0) -> tuple[Path, PPOFinetuneModule]:
+    """A perturbed ControlNet of the KL latent model, and a PPO checkpoint fine-tuned under it with zero steps.
+
+    Args:
+        lora_rank: LoRA rank of the fine-tuned UNet (None: the module's default).
+        lora_b: > 0 adds noise of this scale to the LoRA B matrices (zero at the start), so the merged UNet is
+            not the base's.
+    """
+    controlnet = _controlnet(pretrained, folder / "controlnet.ckpt", 0.5)
+    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, val_fraction=0.25,
+                                    test_fraction=0.25)
+    reward = MultiScaleReward([InterSliceContinuityReward(), MaskFidelityReward(str(segmenter))], normalise=False)
+    rank = {} if lora_rank is None else {"lora_rank": lora_rank}
+    module = PPOFinetuneModule(str(pretrained), reward, controlnet_checkpoint=str(controlnet), mask_data=data,
+                               num_steps=3, samples_per_iteration=2, iterations_per_epoch=1, **rank)
+    if lora_b:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, value in module.state_dict(keep_vars=True).items():
+                if ".lora_B" in name:
+                    value.add_(lora_b * torch.randn(value.shape, generator=generator))
+    module.reward_config = _reward_config(segmenter)  # what `msrl finetune` records from its config
+    return controlnet, module
+
+
+def save_module(module: PPOFinetuneModule, path: Path) -> Path:
+    """`module` saved as a Lightning checkpoint (no training step), as `msrl finetune` would have written it."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoints(pretrained_kl_checkpoint: Path, cohort_cache: Path, segmenter_checkpoint: Path,  # noqa: F811
                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -46,19 +80,9 @@ def checkpoints(pretrained_kl_checkpoint: Path, cohort_cache: Path, segmenter_ch
     The KL model's random weights make every volume depend on its noise, mask and weights (a trained tiny VQ
     model's collapsed decoder would hide them)."""
     folder = tmp_path_factory.mktemp("mask_finetuned")
-    controlnet = _controlnet(pretrained_kl_checkpoint, folder / "controlnet.ckpt", 0.5)
-    data = TemplateCohortDataModule(num_subjects=8, spatial_size=16, cache_dir=cohort_cache, val_fraction=0.25,
-                                    test_fraction=0.25)
-    config = _reward_config(segmenter_checkpoint)
-    reward = MultiScaleReward([InterSliceContinuityReward(), MaskFidelityReward(str(segmenter_checkpoint))],
-                              normalise=False)
-    module = PPOFinetuneModule(str(pretrained_kl_checkpoint), reward, controlnet_checkpoint=str(controlnet),
-                               mask_data=data, num_steps=3, samples_per_iteration=2, iterations_per_epoch=1)
-    module.reward_config = config  # what `msrl finetune` records from its config
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(folder / "finetuned.ckpt")
-    return controlnet, folder / "finetuned.ckpt"
+    controlnet, module = finetuned_under_controlnet(pretrained_kl_checkpoint, cohort_cache, segmenter_checkpoint,
+                                                    folder)
+    return controlnet, save_module(module, folder / "finetuned.ckpt")
 
 
 def _masks(folder: Path) -> Path:
