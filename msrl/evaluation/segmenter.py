@@ -104,7 +104,7 @@ class Segmenter(nn.Module):
             bright lesion moves them; batch norm keeps the intensity scale the volumes share.
     """
 
-    def __init__(self, in_channels: int, labels: Sequence[int] = SEGMENTATION_LABELS, init_filters: int = 8,
+    def __init__(self, in_channels: int, labels: Sequence[int] = SEGMENTATION_LABELS, init_filters: int = 16,
                  blocks_down: Sequence[int] = (1, 2, 2), downsample: int = 2, norm: str = "batch") -> None:
         super().__init__()
         if norm not in NORMS:
