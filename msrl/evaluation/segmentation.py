@@ -58,6 +58,13 @@ class SegmentationProtocol:
         lesions_per_batch: volumes with a lesion in every batch (the rest have none; all of a batch
             when the set has only one kind): a batch without a lesion gives the Dice of every label a
             0/… term that pushes the label out.
+        crop: train on random crops of this side (`lesion_crops`), None for whole volumes. A multiple of the
+            segmenter's stride (downsample × 2^(scales − 1)) and no larger than the volumes. The segmenter is
+            convolutional and is tested on whole volumes either way; a crop's step costs a fraction of a
+            whole volume's.
+        crop_lesion_share: the share of crops of volumes with a lesion that are centred on one of its voxels;
+            the others, and every crop of a volume without one, lie anywhere. Crops that all sit on the
+            lesion never show the segmenter the rest of the brain, and it draws lesions there.
         workers: processes that train the seeds' segmenters side by side, each with an equal share of
             torch's threads (on CPUs small 3D convolutions use one thread far better than two; results
             equal one process's up to float rounding).
@@ -74,6 +81,8 @@ class SegmentationProtocol:
     seeds: Sequence[int] = (0, 1, 2)
     labels: Sequence[int] = SEGMENTATION_LABELS
     lesions_per_batch: int = 2
+    crop: int | None = None
+    crop_lesion_share: float = 0.5
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -82,6 +91,10 @@ class SegmentationProtocol:
                 raise ValueError(f"segmentation.{key} must be >= 1, got {getattr(self, key)}")
         if len(self.seeds) == 0:
             raise ValueError("segmentation.seeds must name at least one seed")
+        if self.crop is not None and self.crop < 1:
+            raise ValueError(f"segmentation.crop must be >= 1 or null (whole volumes), got {self.crop}")
+        if not 0 <= self.crop_lesion_share <= 1:
+            raise ValueError(f"segmentation.crop_lesion_share must be in [0, 1], got {self.crop_lesion_share}")
         if self.norm not in NORMS:
             raise ValueError(f"segmentation.norm must be one of {sorted(NORMS)}, got {self.norm!r}")
         if len(self.labels) == 0 or 0 in self.labels or len(set(self.labels)) != len(self.labels):
@@ -95,6 +108,11 @@ class SegmentationProtocol:
         torch.manual_seed(seed)  # the initialisation
         network = Segmenter(data.volumes.shape[1], self.labels, self.init_filters, self.blocks_down, self.downsample,
                             self.norm)
+        sides = tuple(data.volumes.shape[2:])
+        if self.crop is not None and (self.crop % network.stride or self.crop > min(sides)):
+            raise ValueError(f"segmentation.crop must be a multiple of the segmenter's stride {network.stride} "
+                             f"(downsample × 2^(scales − 1)) and at most the volume sides {sides}, got {self.crop}")
+        lesion_voxels = [torch.nonzero(mask[0] > 0) for mask in data.masks] if self.crop is not None else []
         # batch=True: Dice over the whole batch, so a label missing from one volume leaves no 0/0 term
         loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         optimiser = torch.optim.AdamW(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -103,7 +121,11 @@ class SegmentationProtocol:
         lesion = (data.masks.flatten(1) > 0).any(1)
         network.train()
         for index in batch_indices(lesion, self.steps, self.batch_size, self.lesions_per_batch, generator):
-            pair = random_flips(torch.cat([data.volumes[index].float(), targets[index]], dim=1), generator)
+            pair = torch.cat([data.volumes[index].float(), targets[index]], dim=1)
+            if self.crop is not None:
+                pair = lesion_crops(pair, [lesion_voxels[i] for i in index.tolist()], self.crop,
+                                    self.crop_lesion_share, generator)
+            pair = random_flips(pair, generator)
             loss = loss_function(network(pair[:, :-1]), pair[:, -1:].long())
             optimiser.zero_grad()
             loss.backward()
@@ -170,6 +192,30 @@ def batch_indices(lesion: torch.Tensor, steps: int, batch_size: int, lesions_per
             taken.append(orders[kind][:count])
             orders[kind] = orders[kind][count:]
         yield torch.cat(taken)
+
+
+def lesion_crops(volumes: torch.Tensor, lesion_voxels: Sequence[torch.Tensor], size: int, lesion_share: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One random crop [C, size, size, size] of each volume [N, C, S, S, S], stacked.
+
+    With probability `lesion_share` a crop is centred on a random voxel of its volume's lesion
+    (`lesion_voxels[i]`, [K, 3] indices; shifted inwards at the border); otherwise, and always where
+    K is 0, it lies anywhere in the volume, with every position equally likely.
+    """
+    sides = torch.tensor(volumes.shape[2:])
+    if len(lesion_voxels) != len(volumes) or size > int(sides.min()):
+        raise ValueError(f"need one lesion-voxel list per volume and a crop of at most {sides.tolist()}, got "
+                         f"{len(lesion_voxels)} lists for {len(volumes)} volumes and crop {size}")
+    crops = []
+    for volume, voxels in zip(volumes, lesion_voxels, strict=True):
+        if len(voxels) and torch.rand(1, generator=generator).item() < lesion_share:
+            centre = voxels[torch.randint(len(voxels), (1,), generator=generator)].squeeze(0)
+            start = (centre - size // 2).clamp(min=0).minimum(sides - size)
+        else:
+            start = (torch.rand(3, generator=generator) * (sides - size + 1)).long()
+        x, y, z = start.tolist()
+        crops.append(volume[:, x:x + size, y:y + size, z:z + size])
+    return torch.stack(crops)
 
 
 def utility_train_sets(real: MaskedVolumes, synthetic: MaskedVolumes | Sequence[MaskedVolumes]

@@ -15,6 +15,7 @@ from msrl.evaluation.segmentation import (
     SEGMENTATION_METRIC,
     SegmentationProtocol,
     batch_indices,
+    lesion_crops,
     segmentation_records,
     utility_train_sets,
 )
@@ -123,6 +124,46 @@ def test_every_batch_holds_its_lesion_volumes_and_each_kind_cycles_through_its_p
     for only in (torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)):
         batches = list(batch_indices(only, 3, 4, 2, torch.Generator().manual_seed(0)))
         assert all(len(batch) == 4 for batch in batches)
+
+
+def test_lesion_crops_are_blocks_of_their_volume_centred_on_the_lesion_when_asked() -> None:
+    side, size = 16, 8
+    coordinates = torch.arange(side**3, dtype=torch.float32).view(1, 1, side, side, side)  # each voxel's own index
+    volumes = coordinates.repeat(3, 1, 1, 1, 1)
+    lesions = [torch.tensor([[5, 9, 12]]), torch.tensor([[15, 0, 7]]), torch.empty(0, 3, dtype=torch.long)]
+    generator = torch.Generator().manual_seed(0)
+    starts = []
+    for _ in range(20):
+        crops = lesion_crops(volumes, lesions, size, lesion_share=1.0, generator=generator)
+        assert crops.shape == (3, 1, size, size, size)
+        for crop in crops:  # a contiguous block: its first voxel fixes every other
+            x, y, z = (int(crop[0, 0, 0, 0]) // side**2, int(crop[0, 0, 0, 0]) // side % side,
+                       int(crop[0, 0, 0, 0]) % side)
+            assert torch.equal(crop, coordinates[0, :, x:x + size, y:y + size, z:z + size])
+        first = int(crops[0, 0, size // 2, size // 2, size // 2])  # centred on the lesion voxel
+        assert first == 5 * side**2 + 9 * side + 12
+        assert (crops[1] == 15 * side**2 + 0 * side + 7).any()  # at the border: shifted inwards, lesion kept
+        starts.append(int(crops[2, 0, 0, 0, 0]))
+    assert len(set(starts)) > 10  # the volume without a lesion: crops anywhere
+    # with share 0 a lesion volume is cropped anywhere too, and does not always hold its lesion
+    held = [bool((lesion_crops(volumes[:1], lesions[:1], size, 0.0, generator) == first).any()) for _ in range(30)]
+    assert 0 < sum(held) < 30
+
+
+def test_crop_settings_are_refused_by_key() -> None:
+    with pytest.raises(ValueError, match="segmentation.crop_lesion_share"):
+        SegmentationProtocol(crop=16, crop_lesion_share=1.5)
+    with pytest.raises(ValueError, match="segmentation.crop "):
+        SegmentationProtocol(crop=0)
+    with pytest.raises(ValueError, match=r"segmentation.crop must be a multiple of the segmenter's stride 8"):
+        SegmentationProtocol(**{**FAST, "crop": 12}).train(_blobs(2, seed=0), seed=0)
+
+
+def test_a_segmenter_trained_on_crops_finds_held_out_blobs_in_whole_volumes() -> None:
+    protocol = SegmentationProtocol(**{**FAST, "crop": 16, "steps": 100})  # 16³ crops of the 32³ volumes
+    means = protocol.test(protocol.train(_blobs(16, seed=0), seed=0), _blobs(8, seed=1))
+    # crops whose mask and volume fell out of step would leave it near 0 (seeds 0–2 gave 0.84–0.90)
+    assert means["whole_tumour"] > 0.75 and means["2"] > 0.4, means
 
 
 def test_a_real_trained_segmenter_finds_held_out_blobs(real_segmenter: Segmenter) -> None:
