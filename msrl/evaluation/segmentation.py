@@ -63,8 +63,8 @@ class SegmentationProtocol:
             convolutional and is tested on whole volumes either way; a crop's step costs a fraction of a
             whole volume's.
         crop_lesion_share: the share of crops of volumes with a lesion that are centred on one of its voxels;
-            the others, and every crop of a volume without one, lie anywhere. Crops that all sit on the
-            lesion never show the segmenter the rest of the brain, and it draws lesions there.
+            the others, and every crop of a volume without one, lie anywhere. Crops off the lesion show more
+            of the brain, where a segmenter that never sees it may draw lesions, and fewer lesions.
         workers: processes that train the seeds' segmenters side by side, each with an equal share of
             torch's threads (on CPUs small 3D convolutions use one thread far better than two; results
             equal one process's up to float rounding).
@@ -82,7 +82,7 @@ class SegmentationProtocol:
     labels: Sequence[int] = SEGMENTATION_LABELS
     lesions_per_batch: int = 2
     crop: int | None = None
-    crop_lesion_share: float = 0.5
+    crop_lesion_share: float = 1.0
     workers: int = 1
 
     def __post_init__(self) -> None:
