@@ -12,49 +12,36 @@ TorchIO's bit for bit (tests/datamodules/test_elastic.py checks it) at about hal
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
 import SimpleITK as sitk
-import torch
 import torchio as tio
-from torchio.data.io import nib_to_sitk
 from torchio.transforms.augmentation.spatial.random_elastic_deformation import ElasticDeformation
 
 
 class FieldElasticDeformation(ElasticDeformation):
-    """`tio.ElasticDeformation` given its control points, every image resampled through one displacement field."""
+    """`tio.ElasticDeformation` given its control points, whose B-spline TorchIO gets as one displacement field.
 
-    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        if not any(self.max_displacement):
-            return subject
-        subject.check_consistent_spatial_shape()
-        transform: sitk.Transform | None = None
-        for image in self.get_images(subject):
-            scalar = isinstance(image, tio.ScalarImage)
-            interpolator = self.get_sitk_interpolator(self.image_interpolation if scalar else self.label_interpolation)
-            channels = []
-            for component in image.data:
-                reference = nib_to_sitk(component[np.newaxis], image.affine, force_3d=True)
-                if transform is None:  # every image of a subject shares its grid (checked above)
-                    transform = self._field(reference)
-                resampler = sitk.ResampleImageFilter()
-                resampler.SetReferenceImage(reference)
-                resampler.SetTransform(transform)
-                resampler.SetInterpolator(interpolator)
-                resampler.SetDefaultPixelValue(component.min().item())  # as TorchIO: the image's minimum outside
-                resampler.SetOutputPixelType(sitk.sitkFloat32)
-                resampled, _ = self.sitk_to_nib(resampler.Execute(reference))
-                channels.append(torch.as_tensor(resampled))
-            image.set_data(torch.cat(channels))
-        return subject
+    TorchIO's own resampling loop runs unchanged; it asks `get_bspline_transform` for each image's
+    transform, and every image on the same grid gets the same field, evaluated once.
+    """
 
-    def _field(self, reference: sitk.Image) -> sitk.DisplacementFieldTransform:
-        """TorchIO's B-spline transform on `reference`'s grid, evaluated once at every voxel."""
-        bspline = self.get_bspline_transform(reference)
-        self.parse_free_form_transform(bspline, self.max_displacement)  # TorchIO's folding warning
-        field = sitk.TransformToDisplacementField(bspline, sitk.sitkVectorFloat64, reference.GetSize(),
-                                                  reference.GetOrigin(), reference.GetSpacing(),
-                                                  reference.GetDirection())
-        return sitk.DisplacementFieldTransform(field)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fields: dict[tuple, sitk.DisplacementFieldTransform] = {}
+
+    def get_bspline_transform(self, image: sitk.Image) -> sitk.Transform:
+        grid = (image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+        if grid not in self._fields:
+            bspline = super().get_bspline_transform(image)
+            ElasticDeformation.parse_free_form_transform(bspline, self.max_displacement)  # TorchIO's folding warning
+            field = sitk.TransformToDisplacementField(bspline, sitk.sitkVectorFloat64, *grid)
+            self._fields[grid] = sitk.DisplacementFieldTransform(field)
+        return self._fields[grid]
+
+    @staticmethod
+    def parse_free_form_transform(transform: sitk.Transform, max_displacement: Any) -> None:
+        """Nothing: TorchIO's check reads B-spline coefficients, and it ran on the B-spline above."""
 
 
 class RandomFieldElasticDeformation(tio.RandomElasticDeformation):
